@@ -1,0 +1,57 @@
+"""The `speechlm-bridge` command line: thin subcommands over the library."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from speechlm_bridge.errors import SpeechLMBridgeError
+
+logger = logging.getLogger(__name__)
+
+# Each module defines `register(subparsers)`; a subcommand imports its heavy dependencies
+# (torch, transformers) only when it runs, so `--help` stays fast.
+_SUBCOMMAND_MODULES = (
+    "speechlm_bridge.cli.demo",
+    "speechlm_bridge.cli.export",
+    "speechlm_bridge.cli.render",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speechlm-bridge",
+        description=(
+            "Render speech-LLM training samples from the backbone's own chat template, and export "
+            "training checkpoints to self-contained Hugging Face directories."
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in _SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        status = args.func(args)
+    except SpeechLMBridgeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""`speechlm-bridge export`: a training checkpoint to a self-contained Hugging Face directory."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a training checkpoint to a Hugging Face directory",
+        description=(
+            "Export a NeMo SALM training checkpoint (Lightning .ckpt, state-dict .pt, .safetensors, "
+            "a torch.distributed checkpoint directory, or a NeMo save_pretrained / to_hf directory) "
+            "into one directory that transformers loads offline. Nothing is downloaded: the backbone "
+            "and ASR locations named in the config must be local, or be given with --backbone / --asr."
+        ),
+    )
+    parser.add_argument("checkpoint", help="checkpoint file or directory")
+    parser.add_argument(
+        "--config",
+        help=(
+            "experiment YAML saved by training (its model: section is read); optional when the "
+            "checkpoint stores its config (Lightning .ckpt, NeMo directories)"
+        ),
+    )
+    parser.add_argument("--output", required=True, help="directory to write; must not exist unless --overwrite")
+    parser.add_argument(
+        "--backbone",
+        help="local backbone directory (config.json + tokenizer); overrides model.pretrained_llm",
+    )
+    parser.add_argument(
+        "--asr",
+        help=(
+            "local NeMo ASR model (.nemo) whose preprocessor and encoder config the training used; "
+            "overrides model.pretrained_asr, needed only when the config lacks perception.encoder"
+        ),
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of the exported floating-point weights; auto keeps the checkpoint's (default: auto)",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest safetensors shard, e.g. 5GB or 500MB (default: 5GB)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from speechlm_bridge.export.pipeline import export_checkpoint
+
+    result = export_checkpoint(
+        args.checkpoint,
+        output=args.output,
+        config=args.config,
+        backbone=args.backbone,
+        asr=args.asr,
+        dtype=args.dtype,
+        max_shard_size=_shard_size(args.max_shard_size),
+        overwrite=args.overwrite,
+    )
+    print(
+        f"exported {result.checkpoint_format} checkpoint to {result.output_dir}: {result.tensors} tensors, "
+        f"{result.parameters:,} parameters in {result.shards} safetensors file(s), {result.dtype}, "
+        f"backbone family {result.backbone_family}, audio token id {result.audio_token_id}, "
+        f"{'tied' if result.tie_word_embeddings else 'untied'} embeddings"
+    )
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _shard_size(value: str) -> str | int:
+    return int(value) if value.isdigit() else value

@@ -1,0 +1,266 @@
+"""`export`: one training checkpoint in, one self-contained Hugging Face directory out.
+
+Steps, each logged:
+  1. read the checkpoint's model weights (no NeMo, no model construction);
+  2. find the model config (the experiment YAML, else the one the checkpoint embeds) and resolve
+     the backbone and ASR locations to local paths;
+  3. split the NeMo layout into LM and perception weights (LoRA merged, tying decided);
+  4. convert perception to the Parakeet encoder, adapter and projector;
+  5. stage the directory: tokenizer, weights, config.json, generation, feature extractor and
+     processor configs; audit names and shapes against the model the config describes;
+  6. rename the staged directory into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from speechlm_bridge.backbones import backbone_family_for, read_backbone_config
+from speechlm_bridge.errors import ConfigError
+from speechlm_bridge.export.experiment import (
+    TOKENIZER_FILES,
+    ModelConfig,
+    read_experiment_config,
+    resolve_local_dir,
+)
+from speechlm_bridge.export.output_dir import check_output_dir, staged_output_dir
+from speechlm_bridge.export.perception_config import PerceptionExport, export_perception
+from speechlm_bridge.export.support_files import (
+    write_generation_config,
+    write_model_config,
+    write_processor_configs,
+)
+from speechlm_bridge.export.tokenizer import export_tokenizer
+from speechlm_bridge.export.weights import (
+    DTYPES,
+    audit_state_dict,
+    cast_floating,
+    dominant_dtype,
+    language_model_state_dict,
+    write_safetensors_shards,
+)
+
+logger = logging.getLogger(__name__)
+
+NEMO_BACKBONE_SUBDIR = "llm_backbone"
+
+
+@dataclass
+class ExportResult:
+    """Summary of a finished export, printed by the CLI."""
+
+    output_dir: Path
+    checkpoint_format: str
+    tensors: int
+    parameters: int
+    shards: int
+    dtype: str
+    tie_word_embeddings: bool
+    audio_token_id: int
+    backbone_family: str
+    notes: list[str] = field(default_factory=list)
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    *,
+    output: str | Path,
+    config: str | Path | None = None,
+    backbone: str | Path | None = None,
+    asr: str | Path | None = None,
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> ExportResult:
+    """Export a NeMo SALM training checkpoint to a Hugging Face directory at `output`.
+
+    `dtype` is `auto` (keep the checkpoint's dtype) or one of `float32`, `bfloat16`, `float16`.
+    """
+    from speechlm_bridge.checkpoints import read_checkpoint, split_salm_state_dict
+
+    started = time.monotonic()
+    output = Path(output)
+    check_output_dir(output, overwrite=overwrite)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not supported; use auto, {', '.join(DTYPES)}")
+    notes: list[str] = []
+
+    # 1. Weights.
+    logger.info("step 1/6: reading checkpoint %s", checkpoint)
+    loaded = read_checkpoint(Path(checkpoint))
+
+    # 2. Model config and local paths.
+    logger.info("step 2/6: resolving the model config and local paths")
+    model_config = _model_config(config, loaded)
+    search_dirs = [Path.cwd()] + [d for d in (model_config.base_dir, _checkpoint_dir(loaded)) if d is not None]
+    backbone_dir, tokenizer_dir = _resolve_backbone(model_config, backbone, loaded, search_dirs)
+    backbone_config = read_backbone_config(backbone_dir)
+    family = backbone_family_for(backbone_config, source=backbone_dir / "config.json")
+    audio_locator_tag = model_config.require("audio_locator_tag")
+    prompt_format = model_config.require("prompt_format")
+    if model_config.get("encoder_chunk_size_seconds"):
+        # NOTE: NeMo can split long audio into chunks before the encoder; the exported model
+        # encodes each audio whole, which differs for audio longer than one chunk.
+        raise ConfigError(
+            f"`model.encoder_chunk_size_seconds` is {model_config.get('encoder_chunk_size_seconds')} in "
+            f"{model_config.source}; chunked audio encoding is not supported by the export yet. "
+            "Set it to null if the model was trained and served on audio shorter than one chunk."
+        )
+
+    # 3. NeMo layout -> LM + perception.
+    logger.info("step 3/6: splitting the NeMo SALM layout")
+    salm = split_salm_state_dict(loaded.state_dict, lora_config=model_config.get("lora"))
+    if not salm.tie_word_embeddings and backbone_config.get("tie_word_embeddings"):
+        notes.append(
+            "lm_head differs from embed_tokens (FSDP2 unties them during training); both were kept "
+            "and the text config is marked untied"
+        )
+
+    # 4. Perception.
+    logger.info("step 4/6: converting the audio encoder to transformers' Parakeet layout")
+    perception = export_perception(
+        model_config, salm.perception, asr_override=asr, search_dirs=search_dirs
+    )
+
+    # 5. Stage the directory.
+    with staged_output_dir(output, overwrite=overwrite) as staging:
+        logger.info("step 5/6: writing tokenizer, weights and configs to %s", staging)
+        tokenizer_export = export_tokenizer(tokenizer_dir, staging, audio_locator_tag=audio_locator_tag)
+
+        text_config = dict(backbone_config)
+        state_dict = language_model_state_dict(
+            salm.llm,
+            family=family,
+            tie_word_embeddings=salm.tie_word_embeddings,
+            text_config=text_config,
+            audio_token_id=tokenizer_export.audio_token_id,
+        )
+        state_dict.update(perception.state_dict)
+
+        target_dtype = dominant_dtype(state_dict) if dtype == "auto" else DTYPES[dtype]
+        state_dict = cast_floating(state_dict, target_dtype)
+        dtype_name = str(target_dtype).removeprefix("torch.")
+        text_config["dtype"] = dtype_name
+        text_config.pop("torch_dtype", None)
+
+        model_config_obj = write_model_config(
+            staging,
+            text_config=text_config,
+            perception=perception,
+            audio_locator_tag=audio_locator_tag,
+            audio_token_id=tokenizer_export.audio_token_id,
+            prompt_format=prompt_format,
+            backbone_family=family.name,
+            dtype=dtype_name,
+        )
+        _audit(state_dict, model_config_obj)
+        shards = write_safetensors_shards(state_dict, staging, max_shard_size=max_shard_size)
+        write_generation_config(staging, tokenizer=tokenizer_export.tokenizer, backbone_dir=backbone_dir)
+        write_processor_configs(staging, perception=perception, audio_locator_tag=audio_locator_tag)
+        logger.info("step 6/6: moving the export into place at %s", output)
+
+    parameters = sum(t.numel() for t in state_dict.values())
+    logger.info("export finished in %.1f s: %d tensors, %d parameters", time.monotonic() - started, len(state_dict), parameters)
+    return ExportResult(
+        output_dir=output,
+        checkpoint_format=loaded.format,
+        tensors=len(state_dict),
+        parameters=parameters,
+        shards=shards,
+        dtype=dtype_name,
+        tie_word_embeddings=salm.tie_word_embeddings,
+        audio_token_id=tokenizer_export.audio_token_id,
+        backbone_family=family.name,
+        notes=notes,
+    )
+
+
+def _model_config(config: str | Path | None, loaded: Any) -> ModelConfig:
+    if config is not None:
+        return read_experiment_config(config)
+    if loaded.config:
+        return ModelConfig(values=dict(loaded.config), source=f"the config stored in {loaded.path}", base_dir=None)
+    raise ConfigError(
+        f"{loaded.path} ({loaded.format}) does not store the model config; pass the experiment YAML "
+        "that training saved with --config (e.g. <log_dir>/exp_config.yaml)."
+    )
+
+
+def _checkpoint_dir(loaded: Any) -> Path:
+    path = Path(loaded.path)
+    return path if path.is_dir() else path.parent
+
+
+def _resolve_backbone(
+    model_config: ModelConfig, override: str | Path | None, loaded: Any, search_dirs: list[Path]
+) -> tuple[Path, Path]:
+    """Return (directory with the backbone config.json, directory with its tokenizer).
+
+    Order: --backbone; then, for NeMo's to_hf output, its llm_backbone/ config; then
+    `model.pretrained_llm` (and `model.tokenizer_path`) when they are local. NeMo's to_hf output
+    also carries the tokenizer, used when the config names no local tokenizer.
+    """
+    if override is not None:
+        backbone_dir = resolve_local_dir(
+            None, key="model.pretrained_llm", override=override, option="--backbone", base_dirs=[],
+            must_contain=("config.json",),
+        )
+        return backbone_dir, _require_tokenizer_files(backbone_dir)
+
+    nemo_dir = Path(loaded.path) if loaded.format == "nemo-to-hf" else None
+    local_llm = _try_resolve(model_config.get("pretrained_llm"), "model.pretrained_llm", search_dirs)
+    if nemo_dir is not None:
+        backbone_dir = nemo_dir / NEMO_BACKBONE_SUBDIR
+    elif local_llm is not None:
+        backbone_dir = local_llm
+    else:
+        # Raises the error that names the key and the --backbone option.
+        backbone_dir = resolve_local_dir(
+            model_config.get("pretrained_llm"), key="model.pretrained_llm", override=None,
+            option="--backbone", base_dirs=search_dirs[1:], must_contain=("config.json",),
+        )
+
+    for candidate in (
+        _try_resolve(model_config.get("tokenizer_path"), "model.tokenizer_path", search_dirs),
+        local_llm,
+        nemo_dir,
+    ):
+        if candidate is not None and _has_tokenizer_files(candidate):
+            return backbone_dir, candidate
+    return backbone_dir, _require_tokenizer_files(backbone_dir)
+
+
+def _try_resolve(value: str | None, key: str, search_dirs: list[Path]) -> Path | None:
+    if not value:
+        return None
+    try:
+        return resolve_local_dir(value, key=key, override=None, option="--backbone", base_dirs=search_dirs[1:])
+    except ConfigError:
+        return None
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    return directory.is_dir() and any((directory / name).exists() for name in TOKENIZER_FILES)
+
+
+def _require_tokenizer_files(directory: Path) -> Path:
+    if not _has_tokenizer_files(directory):
+        raise ConfigError(
+            f"{directory} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); the export needs "
+            "the backbone's tokenizer and chat template. Pass --backbone with a directory that has both."
+        )
+    return directory
+
+
+def _audit(state_dict: dict[str, torch.Tensor], config) -> None:
+    from speechlm_bridge.modeling.modeling import SpeechLMBridgeForConditionalGeneration
+
+    with torch.device("meta"):
+        model = SpeechLMBridgeForConditionalGeneration(config)
+    audit_state_dict(state_dict, model)

@@ -1,0 +1,135 @@
+"""Assemble the exported state_dict under the model's names and write it as safetensors shards."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from speechlm_bridge.backbones import BackboneFamily, apply_legacy_renames
+from speechlm_bridge.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+LANGUAGE_MODEL_PREFIX = "language_model."
+_NEMO_EMBEDDINGS_KEY = "model.embed_tokens.weight"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def language_model_state_dict(
+    llm: dict[str, torch.Tensor],
+    *,
+    family: BackboneFamily,
+    tie_word_embeddings: bool,
+    text_config: dict,
+    audio_token_id: int,
+) -> dict[str, torch.Tensor]:
+    """Put the causal LM's weights under `language_model.` and make them fit `text_config`.
+
+    Updates `text_config` in place: `tie_word_embeddings` from what the weights show, and
+    `vocab_size` when the embedding table needs a row for the audio token.
+    """
+    llm = apply_legacy_renames(dict(llm), family)
+    if family.input_embeddings_key not in llm and _NEMO_EMBEDDINGS_KEY in llm:
+        llm[family.input_embeddings_key] = llm.pop(_NEMO_EMBEDDINGS_KEY)
+    if family.input_embeddings_key not in llm:
+        raise CheckpointError(
+            f"the checkpoint has no input embedding matrix ({family.input_embeddings_key} or NeMo's "
+            "top-level embed_tokens.weight); it is needed to run the language model."
+        )
+
+    if tie_word_embeddings:
+        llm.pop("lm_head.weight", None)
+    text_config["tie_word_embeddings"] = tie_word_embeddings
+
+    # NeMo never resizes the embedding table: the audio token only needs a row when the
+    # backbone's table has no padding room left. The row is never read (the model overwrites
+    # audio positions), so zeros are enough.
+    embeddings = llm[family.input_embeddings_key]
+    rows_needed = max(audio_token_id + 1, int(text_config.get("vocab_size") or 0))
+    if embeddings.shape[0] < rows_needed:
+        logger.info("padding the embedding table from %d to %d rows for the audio token", embeddings.shape[0], rows_needed)
+        for key in (family.input_embeddings_key, "lm_head.weight"):
+            if key in llm:
+                pad = llm[key].new_zeros((rows_needed - llm[key].shape[0], *llm[key].shape[1:]))
+                llm[key] = torch.cat([llm[key], pad], dim=0)
+    text_config["vocab_size"] = llm[family.input_embeddings_key].shape[0]
+    return {LANGUAGE_MODEL_PREFIX + key: tensor for key, tensor in llm.items()}
+
+
+def cast_floating(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Cast floating-point tensors to `dtype` (None keeps each tensor's dtype); others are untouched."""
+    if dtype is None:
+        return state_dict
+    return {
+        key: tensor.to(dtype) if tensor.is_floating_point() else tensor for key, tensor in state_dict.items()
+    }
+
+
+def dominant_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype that holds the most parameters, i.e. the dtype the model was saved in."""
+    totals: dict[torch.dtype, int] = {}
+    for tensor in state_dict.values():
+        if tensor.is_floating_point():
+            totals[tensor.dtype] = totals.get(tensor.dtype, 0) + tensor.numel()
+    return max(totals, key=totals.get) if totals else torch.float32
+
+
+def audit_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Compare names and shapes with the model that will load them; raise with sorted lists."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    tied = _tied_keys(model)
+    ignored = getattr(model, "_keys_to_ignore_on_load_missing", None) or []
+    missing = sorted(
+        key
+        for key in expected
+        if key not in state_dict and key not in tied and not any(re.search(pattern, key) for pattern in ignored)
+    )
+    unexpected = sorted(key for key in state_dict if key not in expected)
+    wrong_shape = sorted(
+        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {expected[key]}"
+        for key in state_dict
+        if key in expected and tuple(state_dict[key].shape) != expected[key]
+    )
+    if missing or unexpected or wrong_shape:
+        lines = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if items:
+                lines.append(f"{title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        raise CheckpointError(
+            "the converted weights do not match the exported model: " + "; ".join(lines) + ". The "
+            "checkpoint and the config (backbone config.json, perception settings) describe different models."
+        )
+
+
+def _tied_keys(model: torch.nn.Module) -> set[str]:
+    # A tied lm_head is the same Parameter object as the input embedding, so the file stores
+    # it once under the first name.
+    seen: set[int] = set()
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            tied.add(name)
+        seen.add(id(tensor))
+    return tied
+
+
+def write_safetensors_shards(state_dict: dict[str, torch.Tensor], directory: Path, *, max_shard_size: str | int) -> int:
+    """Write `model-XXXXX-of-YYYYY.safetensors` (+ index) or a single `model.safetensors`.
+
+    Returns the number of shard files.
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    contiguous = {key: tensor.contiguous() for key, tensor in state_dict.items()}
+    save_torch_state_dict(
+        contiguous,
+        directory,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+        metadata={"format": "pt"},
+        safe_serialization=True,
+    )
+    return len(list(directory.glob("model*.safetensors")))

@@ -1,0 +1,205 @@
+"""`speechlm-bridge export` as a user runs it: exit codes, messages, and no half-written output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from speechlm_bridge.cli import main
+
+
+@pytest.fixture
+def workspace(tmp_path, nemo_salm_dir, monkeypatch):
+    """A writable copy of the small NeMo fixture files, as the working directory."""
+    for name in ("exp_config.yaml", "exp_config_fsdp2.yaml"):
+        shutil.copy(nemo_salm_dir / name, tmp_path / name)
+    shutil.copytree(nemo_salm_dir / "backbone", tmp_path / "backbone")
+    shutil.copytree(nemo_salm_dir / "asr", tmp_path / "asr")
+    (tmp_path / "lightning").mkdir()
+    (tmp_path / "lightning" / "step=2.ckpt").symlink_to(nemo_salm_dir / "lightning" / "step=2.ckpt")
+    for path in tmp_path.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir() if path.name.startswith(".out"))
+
+
+def _run_failing(capsys, args: list[str], workspace: Path, match: str) -> str:
+    status = main(args)
+    err = capsys.readouterr().err
+    assert status == 1
+    assert match in err, err
+    assert "Traceback" not in err
+    assert not (workspace / "out").exists()
+    assert _leftovers(workspace) == []
+    return err
+
+
+def test_export_cli_writes_directory(workspace, capsys):
+    status = main(["export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "out"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "exported lightning checkpoint to out" in out
+    assert (workspace / "out" / "model.safetensors").is_file()
+    assert _leftovers(workspace) == []
+
+
+def test_export_cli_sharded_float32(workspace):
+    status = main([
+        "export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "out",
+        "--dtype", "float32", "--max-shard-size", "2MB",
+    ])
+    assert status == 0
+    index = json.loads((workspace / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    config = json.loads((workspace / "out" / "config.json").read_text())
+    assert config["dtype"] == "float32"
+
+
+def test_existing_output_needs_overwrite(workspace, capsys):
+    (workspace / "out").mkdir()
+    (workspace / "out" / "keep.txt").write_text("mine")
+    status = main(["export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "out"])
+    assert status == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (workspace / "out" / "keep.txt").read_text() == "mine"
+
+    status = main(["export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "out", "--overwrite"])
+    assert status == 0
+    assert not (workspace / "out" / "keep.txt").exists()
+    assert (workspace / "out" / "config.json").is_file()
+
+
+def test_missing_checkpoint(workspace, capsys):
+    _run_failing(capsys, ["export", "nope.ckpt", "--config", "exp_config.yaml", "--output", "out"], workspace, "nope.ckpt")
+
+
+def test_unreadable_checkpoint(workspace, capsys):
+    (workspace / "broken.ckpt").write_bytes(b"this is not a checkpoint")
+    _run_failing(
+        capsys, ["export", "broken.ckpt", "--config", "exp_config.yaml", "--output", "out"], workspace, "broken.ckpt"
+    )
+
+
+def test_missing_config_file(workspace, capsys):
+    _run_failing(
+        capsys,
+        ["export", "lightning/step=2.ckpt", "--config", "missing.yaml", "--output", "out"],
+        workspace,
+        "experiment config missing.yaml not found",
+    )
+
+
+def test_config_without_required_key(workspace, capsys):
+    config = yaml.safe_load((workspace / "exp_config.yaml").read_text())
+    del config["model"]["audio_locator_tag"]
+    (workspace / "bad.yaml").write_text(yaml.safe_dump(config))
+    _run_failing(
+        capsys,
+        ["export", "lightning/step=2.ckpt", "--config", "bad.yaml", "--output", "out"],
+        workspace,
+        "bad.yaml has no `model.audio_locator_tag`",
+    )
+
+
+def test_config_without_model_section(workspace, capsys):
+    (workspace / "bad.yaml").write_text("trainer:\n  devices: 1\n")
+    _run_failing(
+        capsys,
+        ["export", "lightning/step=2.ckpt", "--config", "bad.yaml", "--output", "out"],
+        workspace,
+        "has no `model:` section",
+    )
+
+
+def test_backbone_without_architectures(workspace, capsys):
+    config_path = workspace / "backbone" / "tiny-qwen3" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["architectures"]
+    config_path.write_text(json.dumps(config))
+    err = _run_failing(
+        capsys,
+        ["export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "out"],
+        workspace,
+        "has no `architectures` list",
+    )
+    assert "tiny-qwen3/config.json" in err
+
+
+def test_hub_id_backbone_needs_override(workspace, capsys):
+    config = yaml.safe_load((workspace / "exp_config.yaml").read_text())
+    config["model"]["pretrained_llm"] = "Qwen/Qwen3-1.7B"
+    (workspace / "hub.yaml").write_text(yaml.safe_dump(config))
+    _run_failing(
+        capsys,
+        ["export", "lightning/step=2.ckpt", "--config", "hub.yaml", "--output", "out"],
+        workspace,
+        "pass --backbone",
+    )
+    status = main([
+        "export", "lightning/step=2.ckpt", "--config", "hub.yaml", "--output", "out",
+        "--backbone", "backbone/tiny-qwen3",
+    ])
+    assert status == 0
+
+
+def test_missing_asr_needs_override(workspace, capsys):
+    shutil.move(workspace / "asr", workspace / "elsewhere")
+    _run_failing(
+        capsys,
+        ["export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "out"],
+        workspace,
+        "--asr",
+    )
+    status = main([
+        "export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "out",
+        "--asr", "elsewhere/tiny-fastconformer-ctc.nemo",
+    ])
+    assert status == 0
+
+
+def test_unsupported_modality_adapter(workspace, capsys):
+    config = yaml.safe_load((workspace / "exp_config.yaml").read_text())
+    config["model"]["perception"]["modality_adapter"] = {
+        "_target_": "nemo.collections.speechlm2.modules.perception.QformerConnector",
+        "prompt_size": 4,
+    }
+    (workspace / "qformer.yaml").write_text(yaml.safe_dump(config))
+    _run_failing(
+        capsys,
+        ["export", "lightning/step=2.ckpt", "--config", "qformer.yaml", "--output", "out"],
+        workspace,
+        "QformerConnector",
+    )
+
+
+def test_dcp_without_meta_asks_for_config(workspace, capsys, nemo_salm_dir):
+    # Without Lightning's meta.pt, a torch.distributed checkpoint stores no model config.
+    dcp_dir = workspace / "dcp"
+    dcp_dir.mkdir()
+    for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):
+        (dcp_dir / name).symlink_to(nemo_salm_dir / "dcp" / "step=2" / name)
+    _run_failing(capsys, ["export", "dcp", "--output", "out"], workspace, "--config")
+    status = main(["export", "dcp", "--config", "exp_config_fsdp2.yaml", "--output", "out"])
+    assert status == 0
+
+
+def test_help_names_every_option():
+    result = subprocess.run(
+        [sys.executable, "-m", "speechlm_bridge.cli", "export", "--help"],
+        capture_output=True, text=True, check=True,
+    )
+    for option in ("--config", "--output", "--backbone", "--asr", "--dtype", "--max-shard-size", "--overwrite"):
+        assert option in result.stdout
