@@ -92,13 +92,22 @@ def read_backbone_config(backbone_dir: str | Path) -> dict:
         raise ConfigError(f"backbone config {path} is not valid JSON: {err}") from err
 
 
-def apply_legacy_renames(state_dict: dict, family: BackboneFamily) -> dict:
-    """Rename old published weight names of `family` to the names transformers uses now."""
+def apply_legacy_renames(state_dict: dict, family: BackboneFamily, *, prefixes: tuple[str, ...] = ("",)) -> dict:
+    """Rename old published weight names of `family` to the names transformers uses now.
+
+    Only keys under one of `prefixes` are renamed, with the prefix kept (the first matching
+    prefix wins, so list longer ones first).
+    """
     if not family.legacy_renames:
         return state_dict
     renamed = {}
     for key, tensor in state_dict.items():
-        for pattern, replacement in family.legacy_renames:
-            key = re.sub(pattern, replacement, key)
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                name = key[len(prefix):]
+                for pattern, replacement in family.legacy_renames:
+                    name = re.sub(pattern, replacement, name)
+                key = prefix + name
+                break
         renamed[key] = tensor
     return renamed

@@ -88,12 +88,17 @@ class SalmWeights:
 
 
 def split_salm_state_dict(
-    state_dict: Mapping[str, torch.Tensor], *, lora_config: Mapping[str, Any] | None
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    lora_config: Mapping[str, Any] | None,
+    input_embeddings_key: str = EMBED_KEY,
 ) -> SalmWeights:
     """Split a SALM state dict into LM and perception weights, merging LoRA and resolving ties.
 
     `lora_config` is NeMo's `model.lora` dict (PEFT `LoraConfig` kwargs). It is required when the
-    state dict has LoRA adapters and ignored otherwise.
+    state dict has LoRA adapters and ignored otherwise. `input_embeddings_key` is the backbone's
+    Hugging Face name of its input embedding (`model.embeddings.weight` for NemotronH); SALM's
+    top-level `embed_tokens.weight` is stored under it.
 
     Raises:
         CheckpointError: a key matches no known layout, two keys map to one name, a LoRA
@@ -159,7 +164,14 @@ def split_salm_state_dict(
         logger.info("Merged LoRA adapters into %d modules", len(lora_merged))
 
     # 3. decide tied embeddings from the weights
-    tied = _resolve_tied_embeddings(llm)
+    if input_embeddings_key != EMBED_KEY and EMBED_KEY in llm:
+        if input_embeddings_key in llm:
+            raise CheckpointError(
+                f"the checkpoint has both SALM's top-level embed_tokens.weight and llm.{input_embeddings_key}; "
+                "keep one."
+            )
+        llm[input_embeddings_key] = llm.pop(EMBED_KEY)
+    tied = _resolve_tied_embeddings(llm, input_embeddings_key)
 
     return SalmWeights(
         llm=llm,
@@ -226,12 +238,12 @@ def _check_single_adapter_name(adapters: dict[tuple[str, str], LoraAdapter]) -> 
         )
 
 
-def _resolve_tied_embeddings(llm: dict[str, torch.Tensor]) -> bool:
-    embed = llm.get(EMBED_KEY)
+def _resolve_tied_embeddings(llm: dict[str, torch.Tensor], embed_key: str = EMBED_KEY) -> bool:
+    embed = llm.get(embed_key)
     head = llm.get(LM_HEAD_KEY)
     if embed is None and head is None:
         raise CheckpointError(
-            f"The LM weights have neither {EMBED_KEY} (SALM: top-level `embed_tokens.weight`) "
+            f"The LM weights have neither {embed_key} (SALM: top-level `embed_tokens.weight`) "
             f"nor {LM_HEAD_KEY}, so the checkpoint is incomplete."
         )
     if head is None:
@@ -239,8 +251,8 @@ def _resolve_tied_embeddings(llm: dict[str, torch.Tensor]) -> bool:
     if embed is None:
         # safetensors keeps the alphabetically first name of tied aliases, which for SALMAutomodel
         # (`llm.lm_head.weight` < `llm.model.embed_tokens.weight`) is the head.
-        logger.info("No input embedding in the weights, so the tied %s becomes %s", LM_HEAD_KEY, EMBED_KEY)
-        llm[EMBED_KEY] = llm.pop(LM_HEAD_KEY)
+        logger.info("No input embedding in the weights, so the tied %s becomes %s", LM_HEAD_KEY, embed_key)
+        llm[embed_key] = llm.pop(LM_HEAD_KEY)
         return True
     if embed.shape == head.shape and embed.dtype == head.dtype and torch.equal(embed, head):
         del llm[LM_HEAD_KEY]
@@ -255,7 +267,7 @@ def _resolve_tied_embeddings(llm: dict[str, torch.Tensor]) -> bool:
     logger.warning(
         "%s and %s differ (%s): exporting untied embeddings and keeping the trained lm_head "
         "(NeMo's to_hf.py would drop it).",
-        EMBED_KEY,
+        embed_key,
         LM_HEAD_KEY,
         detail,
     )

@@ -132,8 +132,6 @@ def random_salm_state_dict(backbone_config: dict, model_config: dict, *, seed: i
         for pattern, replacement in _TO_NEMO_NAMES:
             name = re.sub(pattern, replacement, name)
         nemo[name] = tensor.detach().clone()
-    # The LM head is stored even when tied, as in NeMo's SALM.state_dict().
-    nemo.setdefault("llm.lm_head.weight", nemo["embed_tokens.weight"].clone())
 
     # NeMo keeps the featurizer's window and mel filterbank as buffers of the model.
     # The buffers do not exist yet; silence the converter's "assuming float32" warnings.

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from speechlm_bridge.backbones import backbone_family_for, read_backbone_config
+from speechlm_bridge.backbones import apply_legacy_renames, backbone_family_for, read_backbone_config
 from speechlm_bridge.errors import ConfigError
 from speechlm_bridge.export.experiment import (
     TOKENIZER_FILES,
@@ -115,7 +115,11 @@ def export_checkpoint(
 
     # 3. NeMo layout -> LM + perception.
     logger.info("step 3/6: splitting the NeMo SALM layout")
-    salm = split_salm_state_dict(loaded.state_dict, lora_config=model_config.get("lora"))
+    # NemotronH checkpoints from the Hub name the decoder `backbone.`; NeMo keeps HF names.
+    state_dict = apply_legacy_renames(loaded.state_dict, family, prefixes=("llm.base_model.model.", "llm."))
+    salm = split_salm_state_dict(
+        state_dict, lora_config=model_config.get("lora"), input_embeddings_key=family.input_embeddings_key
+    )
     if not salm.tie_word_embeddings and backbone_config.get("tie_word_embeddings"):
         notes.append(
             "lm_head differs from embed_tokens (FSDP2 unties them during training); both were kept "

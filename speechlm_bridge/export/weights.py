@@ -8,13 +8,12 @@ from pathlib import Path
 
 import torch
 
-from speechlm_bridge.backbones import BackboneFamily, apply_legacy_renames
+from speechlm_bridge.backbones import BackboneFamily
 from speechlm_bridge.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 LANGUAGE_MODEL_PREFIX = "language_model."
-_NEMO_EMBEDDINGS_KEY = "model.embed_tokens.weight"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -31,9 +30,7 @@ def language_model_state_dict(
     Updates `text_config` in place: `tie_word_embeddings` from what the weights show, and
     `vocab_size` when the embedding table needs a row for the audio token.
     """
-    llm = apply_legacy_renames(dict(llm), family)
-    if family.input_embeddings_key not in llm and _NEMO_EMBEDDINGS_KEY in llm:
-        llm[family.input_embeddings_key] = llm.pop(_NEMO_EMBEDDINGS_KEY)
+    llm = dict(llm)
     if family.input_embeddings_key not in llm:
         raise CheckpointError(
             f"the checkpoint has no input embedding matrix ({family.input_embeddings_key} or NeMo's "

@@ -28,7 +28,7 @@ class PromptFormatSettings:
     """`"last"` or `"all"`: the assistant turns that carry loss by default."""
     template_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     note: str = ""
-    """How NeMo's own formatter of this name differed from the backbone's chat template."""
+    """Difference between NeMo's own formatter of this name and the backbone's chat template."""
 
 
 _ALL_TURNS_NOTE = (

@@ -46,7 +46,6 @@ from speechlm_bridge.prompts.rendering import (
     check_template_kwargs,
     find_end_of_turn_token,
     render_chat,
-    special_token_ids,
     tokenize_rendered,
 )
 from speechlm_bridge.prompts.sample import LossSpan, TrainingSample
@@ -93,7 +92,6 @@ class ChatFormatter:
         self.audio_locator_id = (
             _single_token_id(tokenizer, self.audio_locator_tag) if self.audio_locator_tag else None
         )
-        self._special_ids = special_token_ids(tokenizer)
         self._end_of_turn_cache: dict[str, tuple[str, int]] = {}
 
     @classmethod
@@ -176,6 +174,12 @@ class ChatFormatter:
         """
         if on_error not in ON_ERROR_CHOICES:
             raise PromptError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+        dialogs = list(dialogs)
+        if audios_counts is not None and len(audios_counts) != len(dialogs):
+            raise PromptError(
+                f"audios_counts has {len(audios_counts)} entries for {len(dialogs)} dialogs; pass "
+                "one count (or None) per dialog"
+            )
 
         # 1. Render every dialog. Errors are caught per dialog, so one bad dialog stops no other.
         rendered_dialogs: list[tuple[int, _RenderedDialog]] = []

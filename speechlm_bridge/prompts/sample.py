@@ -8,7 +8,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class LossSpan:
-    """Token range `[start, end)` of `input_ids` that holds one assistant turn's answer.
+    """Token range `[start, end)` of `input_ids` that contains one assistant turn's answer.
 
     `turn_index` is the index of that assistant message in the dialog. The range runs through
     the token that ends the turn in the chat template (`<|im_end|>`, `<|eot_id|>`, ...).

@@ -33,11 +33,9 @@ class Backbone:
     name: str
     tokenizer: Any
     end_of_turn: str
-    thinking: bool
-    """Whether the template reads enable_thinking."""
 
 
-_BACKBONE_NAMES = (
+ALL_BACKBONES = (
     "qwen3",
     "qwen2.5",
     "nemotron-3-nano",
@@ -46,8 +44,6 @@ _BACKBONE_NAMES = (
     "dated-system",
     "rewrite-history",
 )
-FIXTURE_BACKBONES = ("qwen3", "qwen2.5", "nemotron-3-nano")
-ALL_BACKBONES = _BACKBONE_NAMES
 
 
 def load_backbone(name: str) -> Backbone:
@@ -60,16 +56,12 @@ def load_backbone(name: str) -> Backbone:
     tokenizer = AutoTokenizer.from_pretrained(str(fixture_path("backbones", base)))
     special: dict[str, Any] = {"additional_special_tokens": [AUDIO_TAG]}
     end_of_turn = "<|im_end|>"
-    thinking = False
 
-    if name == "qwen3":
-        thinking = True
-    elif name == "nemotron-3-nano":
+    if name == "nemotron-3-nano":
         template = fixture_path(
             "backbones", "_templates_only", "nemotron-3-nano", "chat_template.jinja"
         )
         tokenizer.chat_template = template.read_text(encoding="utf-8")
-        thinking = True
     elif name == "llama3-like":
         tokenizer.chat_template = _template("llama3_like")
         special = {
@@ -95,17 +87,17 @@ def load_backbone(name: str) -> Backbone:
         tokenizer.chat_template = _template("dated_system")
     elif name == "rewrite-history":
         tokenizer.chat_template = _template("rewrite_history")
-    elif name != "qwen2.5":
+    elif name not in {"qwen3", "qwen2.5"}:
         raise ValueError(f"unknown test backbone {name!r}")
 
     tokenizer.add_special_tokens(special)
-    return Backbone(name=name, tokenizer=tokenizer, end_of_turn=end_of_turn, thinking=thinking)
+    return Backbone(name=name, tokenizer=tokenizer, end_of_turn=end_of_turn)
 
 
 @pytest.fixture(scope="session")
 def backbones() -> dict[str, Backbone]:
     """All test backbones, loaded once per session (about 0.5 s each)."""
-    return {name: load_backbone(name) for name in _BACKBONE_NAMES}
+    return {name: load_backbone(name) for name in ALL_BACKBONES}
 
 
 def _template(stem: str) -> str:

@@ -71,3 +71,8 @@ def test_batch_raise_names_dialog(formatter):
 def test_batch_rejects_bad_item(formatter):
     with pytest.raises(PromptError, match="dialog 0: a dialog object needs a 'messages' key"):
         formatter.encode_batch([{"turns": []}])
+
+
+def test_batch_audios_counts_length(formatter):
+    with pytest.raises(PromptError, match="audios_counts has 2 entries for 3 dialogs"):
+        formatter.encode_batch(DIALOGS, audios_counts=[0, 1])
