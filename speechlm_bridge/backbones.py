@@ -16,7 +16,7 @@ from speechlm_bridge.errors import ConfigError
 
 @dataclass(frozen=True)
 class BackboneFamily:
-    """How one family of causal LMs names its weights and keeps its generation state."""
+    """Weight names and generation state of one family of causal LMs."""
 
     name: str
     architectures: tuple[str, ...]

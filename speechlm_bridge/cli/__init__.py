@@ -38,10 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # Our own steps at INFO, other libraries only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("speechlm_bridge").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         status = args.func(args)
     except SpeechLMBridgeError as err:

@@ -208,7 +208,7 @@ def _write_rank(rank: int, world_size: int, weights_file: str, checkpoint_dir: s
 
 
 class _Holder(torch.nn.Module):
-    """An empty module that only holds parameters and children under given names."""
+    """An empty module that only has parameters and children under given names."""
 
 
 def _module_from_state_dict(state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:

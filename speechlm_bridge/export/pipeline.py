@@ -105,8 +105,8 @@ def export_checkpoint(
     audio_locator_tag = model_config.require("audio_locator_tag")
     prompt_format = model_config.require("prompt_format")
     if model_config.get("encoder_chunk_size_seconds"):
-        # NOTE: NeMo can split long audio into chunks before the encoder; the exported model
-        # encodes each audio whole, which differs for audio longer than one chunk.
+        # NOTE: NeMo can split long audio into chunks before the encoder. The exported model
+        # encodes each audio whole, so outputs differ for audio longer than one chunk.
         raise ConfigError(
             f"`model.encoder_chunk_size_seconds` is {model_config.get('encoder_chunk_size_seconds')} in "
             f"{model_config.source}; chunked audio encoding is not supported by the export yet. "

@@ -44,7 +44,7 @@ _RUNTIME_KEYS = ("local_files_only", "is_local", "backend", "name_or_path")
 
 @dataclass
 class ExportedTokenizer:
-    """What the tokenizer export decided, for config.json and generation_config.json."""
+    """Decisions of the tokenizer export, for config.json and generation_config.json."""
 
     tokenizer: Any
     audio_token_id: int
@@ -55,8 +55,8 @@ class ExportedTokenizer:
 def read_chat_template(tokenizer_dir: Path) -> str | list | None:
     """Read the chat template exactly as stored, with transformers 5.x precedence.
 
-    A separate `chat_template.jinja` wins over the inline `chat_template` key (that is what
-    `AutoTokenizer` does); when both exist and differ, the inline one is reported and dropped.
+    A separate `chat_template.jinja` wins over the inline `chat_template` key, as in `AutoTokenizer`.
+    When both exist and differ, a warning names both files and the inline one is dropped.
     """
     config_path = tokenizer_dir / "tokenizer_config.json"
     inline = None

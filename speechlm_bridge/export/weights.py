@@ -66,7 +66,7 @@ def cast_floating(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None
 
 
 def dominant_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
-    """The floating dtype that holds the most parameters, i.e. the dtype the model was saved in."""
+    """Return the floating dtype with the most parameters: the dtype the model was saved in."""
     totals: dict[torch.dtype, int] = {}
     for tensor in state_dict.values():
         if tensor.is_floating_point():
@@ -121,6 +121,8 @@ def write_safetensors_shards(state_dict: dict[str, torch.Tensor], directory: Pat
     from huggingface_hub import save_torch_state_dict
 
     contiguous = {key: tensor.contiguous() for key, tensor in state_dict.items()}
+    total_bytes = sum(tensor.numel() * tensor.element_size() for tensor in contiguous.values())
+    logger.info("writing %.1f MB of weights as safetensors (max shard size %s)", total_bytes / 1e6, max_shard_size)
     save_torch_state_dict(
         contiguous,
         directory,

@@ -1,7 +1,7 @@
 """The transformers model of an exported speech LLM: Parakeet encoder, projector, causal LM.
 
-Audio enters the LM the way vLLM serves it: the processor expands each audio locator tag into as
-many audio tokens as the encoder emits frames, and the model overwrites the embeddings at those
+Audio enters the LM the way vLLM serves it. The processor expands each audio locator tag into as
+many audio tokens as the encoder emits frames. The model then overwrites the embeddings at those
 positions with the projected encoder frames, in order. For one 1.5 s clip (19 frames)::
 
     input_ids     <|im_start|> user \\n ... : ␣ <|audio|> × 19 <|im_end|> ...

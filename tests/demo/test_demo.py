@@ -1,4 +1,4 @@
-"""`speechlm-bridge demo`, run the way the README tells a new user to."""
+"""`speechlm-bridge demo`, run as the README's first set-up command runs it."""
 
 from __future__ import annotations
 
