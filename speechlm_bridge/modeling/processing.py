@@ -74,19 +74,26 @@ class SpeechLMBridgeProcessor(ProcessorMixin):
         text: str | list[str] | None = None,
         audio: np.ndarray | list[np.ndarray] | None = None,
         *,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]] | None = None,
         sampling_rate: int | None = None,
         return_tensors: str | None = "pt",
         padding: bool | str = True,
+        template_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
         """Tokenize prompts and featurize their audios.
 
-        `text` holds one audio locator tag per audio, in order across the batch. Returns
-        `input_ids`, `attention_mask` and, with audio, `input_features` `(num_audios, mel_frames,
-        mel_bins)` and `input_features_mask` `(num_audios, mel_frames)`.
+        Pass either `text` (rendered prompts) or `messages` (one dialog, or a list of dialogs,
+        rendered here with `render_prompt(**template_kwargs)`). The prompts contain one audio
+        locator tag per audio, in order across the batch. Returns `input_ids`, `attention_mask`
+        and, with audio, `input_features` `(num_audios, mel_frames, mel_bins)` and
+        `input_features_mask` `(num_audios, mel_frames)`.
         """
-        if text is None:
-            raise ValueError("text is required: render the prompt with render_prompt() first")
+        if (text is None) == (messages is None):
+            raise ValueError("pass exactly one of text (rendered prompts) and messages (chat dialogs)")
+        if messages is not None:
+            dialogs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+            text = [self.render_prompt(dialog, **(template_kwargs or {})) for dialog in dialogs]
         texts = [text] if isinstance(text, str) else list(text)
         audios = [] if audio is None else ([audio] if _is_single_audio(audio) else list(audio))
 
@@ -120,7 +127,15 @@ class SpeechLMBridgeProcessor(ProcessorMixin):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _expand_audio_tags(self, texts: list[str], audio_lengths: list[int]) -> list[str]:
-        frame_counts = iter(self.audio_frame_count(length) for length in audio_lengths)
+        counts = [self.audio_frame_count(length) for length in audio_lengths]
+        for index, (length, count) in enumerate(zip(audio_lengths, counts)):
+            if count == 0:
+                raise ValueError(
+                    f"audio {index} has {length} samples, too short for one encoder frame; pass at "
+                    f"least {self.feature_extractor.hop_length} samples "
+                    f"({self.feature_extractor.hop_length / self.feature_extractor.sampling_rate * 1000:.0f} ms)."
+                )
+        frame_counts = iter(counts)
         expanded = []
         for sample in texts:
             pieces = sample.split(self.audio_token)

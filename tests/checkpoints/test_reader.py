@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -97,8 +96,6 @@ def test_lightning_omegaconf_hyper_parameters(tmp_path):
 
 
 def test_omegaconf_checkpoint_without_omegaconf(tmp_path, monkeypatch):
-    if importlib.util.find_spec("omegaconf") is not None:
-        pytest.skip("omegaconf is installed; this covers the error raised without it")
     # Stand-in so that torch.save can pickle a reference to omegaconf's DictConfig here.
     module = types.ModuleType("omegaconf.dictconfig")
 
@@ -119,8 +116,10 @@ def test_omegaconf_checkpoint_without_omegaconf(tmp_path, monkeypatch):
         },
         path,
     )
-    monkeypatch.delitem(sys.modules, "omegaconf.dictconfig")
-    monkeypatch.delitem(sys.modules, "omegaconf")
+    # A None entry in sys.modules makes `import omegaconf` raise ImportError, as if it were not
+    # installed, whether or not the real package is.
+    for name in ("omegaconf", "omegaconf.dictconfig", "omegaconf.base", "omegaconf.nodes"):
+        monkeypatch.setitem(sys.modules, name, None)
 
     with pytest.raises(
         CheckpointError,
