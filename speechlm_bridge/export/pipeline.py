@@ -104,6 +104,7 @@ def export_checkpoint(
     family = backbone_family_for(backbone_config, source=backbone_dir / "config.json")
     audio_locator_tag = model_config.require("audio_locator_tag")
     prompt_format = model_config.require("prompt_format")
+    notes += _check_prompt_format(prompt_format, model_config)
     if model_config.get("encoder_chunk_size_seconds"):
         # NOTE: NeMo can split long audio into chunks before the encoder. The exported model
         # encodes each audio whole, so outputs differ for audio longer than one chunk.
@@ -194,6 +195,23 @@ def _model_config(config: str | Path | None, loaded: Any) -> ModelConfig:
         f"{loaded.path} ({loaded.format}) does not store the model config; pass the experiment YAML "
         "that training saved with --config (e.g. <log_dir>/exp_config.yaml)."
     )
+
+
+def _check_prompt_format(prompt_format: str, model_config: ModelConfig) -> list[str]:
+    """Reject an unknown `prompt_format`; return a note for NeMo formats without a chat template."""
+    from speechlm_bridge.prompts.formats import NON_CHAT_PROMPT_FORMATS, resolve_prompt_format
+
+    try:
+        resolve_prompt_format(prompt_format)
+    except ConfigError as err:
+        if str(prompt_format).strip().lower() in NON_CHAT_PROMPT_FORMATS:
+            logger.warning("%s", err)
+            return [
+                f"prompt_format {prompt_format!r} has no chat template: pass rendered prompts to the "
+                "processor as text, not messages"
+            ]
+        raise ConfigError(f"`model.prompt_format` in {model_config.source}: {err}") from err
+    return []
 
 
 def _checkpoint_dir(loaded: Any) -> Path:

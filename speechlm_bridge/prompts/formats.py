@@ -100,6 +100,7 @@ _NOT_CHAT_FORMATS = {
 }
 
 KNOWN_PROMPT_FORMATS: tuple[str, ...] = tuple(_FORMATS)
+NON_CHAT_PROMPT_FORMATS: frozenset[str] = frozenset(_NOT_CHAT_FORMATS)
 
 
 def resolve_prompt_format(name: str) -> PromptFormatSettings:

@@ -203,3 +203,16 @@ def test_help_names_every_option():
     )
     for option in ("--config", "--output", "--backbone", "--asr", "--dtype", "--max-shard-size", "--overwrite"):
         assert option in result.stdout
+
+
+def test_unknown_prompt_format(workspace, capsys):
+    config = yaml.safe_load((workspace / "exp_config.yaml").read_text())
+    config["model"]["prompt_format"] = "qwen4"
+    (workspace / "typo.yaml").write_text(yaml.safe_dump(config))
+    err = _run_failing(
+        capsys,
+        ["export", "lightning/step=2.ckpt", "--config", "typo.yaml", "--output", "out"],
+        workspace,
+        "`model.prompt_format` in typo.yaml: unknown prompt_format 'qwen4'",
+    )
+    assert "qwen3" in err
