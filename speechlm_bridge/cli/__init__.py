@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
+from speechlm_bridge import __version__
 from speechlm_bridge.errors import SpeechLMBridgeError
 
 logger = logging.getLogger(__name__)
@@ -29,9 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in _SUBCOMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    # Accept -v after the subcommand too; SUPPRESS keeps a top-level -v from being reset.
+    for subparser in subparsers.choices.values():
+        subparser.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages"
+        )
     return parser
 
 
@@ -41,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     # Our own steps at INFO, other libraries only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("speechlm_bridge").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # A terminated export must clean up its staging directory like an interrupted one does.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         status = args.func(args)
     except SpeechLMBridgeError as err:
@@ -49,7 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     return int(status or 0)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that `finally` and context managers run."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workdir",
         default="speechlm-bridge-demo",
-        help="directory for the demo's files, replaced if it exists (default: ./speechlm-bridge-demo)",
+        help=(
+            "directory for the demo's files; an earlier demo's directory is replaced, any other "
+            "existing one is left alone (default: ./speechlm-bridge-demo)"
+        ),
     )
     parser.set_defaults(func=run)
 

@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-shard-size",
         default="5GB",
-        help="largest safetensors shard, e.g. 5GB or 500MB (default: 5GB)",
+        type=_shard_size,
+        help="largest safetensors shard, at least 1MB, e.g. 5GB, 500MB or 2GiB (default: 5GB)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.set_defaults(func=run)
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         backbone=args.backbone,
         asr=args.asr,
         dtype=args.dtype,
-        max_shard_size=_shard_size(args.max_shard_size),
+        max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
     )
     print(
@@ -75,5 +76,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shard_size(value: str) -> str | int:
-    return int(value) if value.isdigit() else value
+def _shard_size(value: str) -> int:
+    from speechlm_bridge.errors import ConfigError
+    from speechlm_bridge.export.shard_size import parse_shard_size
+
+    try:
+        return parse_shard_size(value)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err

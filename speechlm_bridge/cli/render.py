@@ -127,6 +127,11 @@ def run(args: argparse.Namespace) -> int:
             sample.dialog_index = dialog_index
             writer.sample(sample, number=number, count=len(samples))
 
+    if total == 0:
+        raise SpeechLMBridgeError(
+            f"{args.messages} has no dialogs; write one JSON dialog per line (a list of messages or "
+            '{"messages": [...], "kwargs": {...}})'
+        )
     if failed:
         print(
             f"error: {failed} of {total} dialog(s) could not be encoded exactly; see the "

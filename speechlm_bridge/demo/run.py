@@ -13,6 +13,7 @@ import numpy as np
 from speechlm_bridge.errors import SpeechLMBridgeError
 
 DEMO_AUDIO = "hello.wav"
+WORKDIR_MARKER = ".speechlm-bridge-demo"
 
 
 def run_demo(workdir: str | Path, *, max_new_tokens: int = 12) -> str:
@@ -28,9 +29,7 @@ def run_demo(workdir: str | Path, *, max_new_tokens: int = 12) -> str:
     from speechlm_bridge.export.pipeline import export_checkpoint
 
     workdir = Path(workdir).resolve()
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    _prepare_workdir(workdir)
     started = time.monotonic()
 
     _step(1, f"writing a tiny Qwen3-style backbone (config + trained BPE tokenizer) to {workdir / 'backbone'}")
@@ -96,6 +95,27 @@ def read_demo_audio() -> tuple[np.ndarray, int]:
             frames = clip.readframes(clip.getnframes())
             sampling_rate = clip.getframerate()
     return np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0, sampling_rate
+
+
+def _prepare_workdir(workdir: Path) -> None:
+    """Create `workdir`, replacing it only when an earlier demo made it (it has the marker file)."""
+    cwd = Path.cwd().resolve()
+    if workdir == cwd or workdir in cwd.parents:
+        raise SpeechLMBridgeError(
+            f"--workdir {workdir} is the working directory or contains it; pass a new directory "
+            "for the demo's files, e.g. --workdir speechlm-bridge-demo"
+        )
+    if workdir.exists():
+        if not workdir.is_dir():
+            raise SpeechLMBridgeError(f"--workdir {workdir} is a file; pass a directory")
+        if any(workdir.iterdir()) and not (workdir / WORKDIR_MARKER).is_file():
+            raise SpeechLMBridgeError(
+                f"--workdir {workdir} exists and was not made by the demo (no {WORKDIR_MARKER} file), so "
+                "it is left alone; pass a new directory or remove it yourself."
+            )
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / WORKDIR_MARKER).write_text("made by `speechlm-bridge demo`; the next demo run replaces this directory\n")
 
 
 def _step(number: int, text: str) -> None:

@@ -82,8 +82,12 @@ def resolve_local_dir(
     option: str,
     base_dirs: list[Path],
     must_contain: tuple[str, ...] = (),
+    source: str | None = None,
 ) -> Path:
-    """Resolve a location from a config key to an existing local path, or raise ConfigError."""
+    """Resolve a location from a config key to an existing local path, or raise ConfigError.
+
+    `source` names the config file in the error raised when the key is not set.
+    """
     if override is not None:
         candidate = Path(override)
         if not candidate.exists():
@@ -91,6 +95,11 @@ def resolve_local_dir(
         _check_contains(candidate, must_contain, f"{option} {candidate}")
         return candidate
 
+    if not value:
+        raise ConfigError(
+            f"`{key}` is not set{f' in {source}' if source else ''}. Add it to the config or pass "
+            f"{option} with a local path."
+        )
     if value:
         candidates = [Path(value)] + [base / value for base in base_dirs if not Path(value).is_absolute()]
         for candidate in candidates:
@@ -108,5 +117,7 @@ def resolve_local_dir(
 def _check_contains(path: Path, names: tuple[str, ...], label: str) -> None:
     if not names:
         return
-    if not path.is_dir() or not any((path / name).exists() for name in names):
-        raise ConfigError(f"{label} must be a directory containing one of {', '.join(names)}")
+    if not path.is_dir():
+        raise ConfigError(f"{label} is not a directory; it must contain {' or '.join(names)}")
+    if not any((path / name).exists() for name in names):
+        raise ConfigError(f"{label} has no {' or '.join(names)}; pass a directory that contains it")

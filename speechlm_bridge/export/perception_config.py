@@ -92,6 +92,7 @@ def _read_asr_config(model_config: ModelConfig, asr_override: str | Path | None,
         override=asr_override,
         option="--asr",
         base_dirs=search_dirs[1:],
+        source=model_config.source,
     )
     logger.info("reading the encoder and preprocessor config from %s", asr_path)
     return read_nemo_archive(asr_path).config

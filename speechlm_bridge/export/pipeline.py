@@ -13,6 +13,7 @@ Steps, each logged:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from speechlm_bridge.export.experiment import (
     resolve_local_dir,
 )
 from speechlm_bridge.export.output_dir import check_output_dir, staged_output_dir
+from speechlm_bridge.export.shard_size import parse_shard_size
 from speechlm_bridge.export.perception_config import PerceptionExport, export_perception
 from speechlm_bridge.export.support_files import (
     write_generation_config,
@@ -86,9 +88,11 @@ def export_checkpoint(
 
     started = time.monotonic()
     output = Path(output)
-    check_output_dir(output, overwrite=overwrite)
+    given_inputs = [Path(p) for p in (checkpoint, config, backbone, asr) if p is not None]
+    check_output_dir(output, overwrite=overwrite, inputs=given_inputs)
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not supported; use auto, {', '.join(DTYPES)}")
+    max_shard_size = parse_shard_size(max_shard_size)
     notes: list[str] = []
 
     # 1. Weights.
@@ -98,7 +102,7 @@ def export_checkpoint(
     # 2. Model config and local paths.
     logger.info("step 2/6: resolving the model config and local paths")
     model_config = _model_config(config, loaded)
-    search_dirs = [Path.cwd()] + [d for d in (model_config.base_dir, _checkpoint_dir(loaded)) if d is not None]
+    search_dirs = _unique_dirs([Path.cwd(), model_config.base_dir, _checkpoint_dir(loaded)])
     backbone_dir, tokenizer_dir = _resolve_backbone(model_config, backbone, loaded, search_dirs)
     backbone_config = read_backbone_config(backbone_dir)
     family = backbone_family_for(backbone_config, source=backbone_dir / "config.json")
@@ -134,7 +138,8 @@ def export_checkpoint(
     )
 
     # 5. Stage the directory.
-    with staged_output_dir(output, overwrite=overwrite) as staging:
+    inputs = given_inputs + [backbone_dir, tokenizer_dir]
+    with staged_output_dir(output, overwrite=overwrite, inputs=inputs) as staging:
         logger.info("step 5/6: writing tokenizer, weights and configs to %s", staging)
         tokenizer_export = export_tokenizer(tokenizer_dir, staging, audio_locator_tag=audio_locator_tag)
 
@@ -145,6 +150,7 @@ def export_checkpoint(
             tie_word_embeddings=salm.tie_word_embeddings,
             text_config=text_config,
             audio_token_id=tokenizer_export.audio_token_id,
+            config_source=backbone_dir / "config.json",
         )
         state_dict.update(perception.state_dict)
 
@@ -214,6 +220,15 @@ def _check_prompt_format(prompt_format: str, model_config: ModelConfig) -> list[
     return []
 
 
+def _unique_dirs(directories: list[Path | None]) -> list[Path]:
+    """Drop missing and repeated directories (the config may sit in the working directory)."""
+    unique: list[Path] = []
+    for directory in directories:
+        if directory is not None and directory.resolve() not in [d.resolve() for d in unique]:
+            unique.append(directory)
+    return unique
+
+
 def _checkpoint_dir(loaded: Any) -> Path:
     path = Path(loaded.path)
     return path if path.is_dir() else path.parent
@@ -246,15 +261,17 @@ def _resolve_backbone(
         backbone_dir = resolve_local_dir(
             model_config.get("pretrained_llm"), key="model.pretrained_llm", override=None,
             option="--backbone", base_dirs=search_dirs[1:], must_contain=("config.json",),
+            source=model_config.source,
         )
 
-    for candidate in (
-        _try_resolve(model_config.get("tokenizer_path"), "model.tokenizer_path", search_dirs),
-        local_llm,
-        nemo_dir,
-    ):
+    # NeMo's to_hf output is one model: its own tokenizer comes before whatever pretrained_llm
+    # happens to resolve to from the working directory.
+    candidates = [_try_resolve(model_config.get("tokenizer_path"), "model.tokenizer_path", search_dirs)]
+    candidates += [nemo_dir, local_llm] if nemo_dir is not None else [local_llm]
+    for candidate in candidates:
         if candidate is not None and _has_tokenizer_files(candidate):
-            return backbone_dir, candidate
+            if _tokenizer_files_intact(candidate) or candidate == candidates[-1]:
+                return backbone_dir, candidate
     return backbone_dir, _require_tokenizer_files(backbone_dir)
 
 
@@ -269,6 +286,19 @@ def _try_resolve(value: str | None, key: str, search_dirs: list[Path]) -> Path |
 
 def _has_tokenizer_files(directory: Path) -> bool:
     return directory.is_dir() and any((directory / name).exists() for name in TOKENIZER_FILES)
+
+
+def _tokenizer_files_intact(directory: Path) -> bool:
+    """False when a JSON tokenizer file does not parse, e.g. a symlink a copy turned into text."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        path = directory / name
+        if path.is_file():
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                logger.warning("%s is not valid JSON; looking for the tokenizer elsewhere", path)
+                return False
+    return True
 
 
 def _require_tokenizer_files(directory: Path) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from speechlm_bridge.backbones import BackboneFamily
-from speechlm_bridge.errors import CheckpointError
+from speechlm_bridge.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +24,13 @@ def language_model_state_dict(
     tie_word_embeddings: bool,
     text_config: dict,
     audio_token_id: int,
+    config_source: str | Path = "the backbone config",
 ) -> dict[str, torch.Tensor]:
     """Put the causal LM's weights under `language_model.` and make them fit `text_config`.
 
     Updates `text_config` in place: `tie_word_embeddings` from what the weights show, and
-    `vocab_size` when the embedding table needs a row for the audio token.
+    `vocab_size` when the embedding table needs a row for the audio token. `config_source` names
+    the backbone config.json in errors.
     """
     llm = dict(llm)
     if family.input_embeddings_key not in llm:
@@ -36,6 +38,7 @@ def language_model_state_dict(
             f"the checkpoint has no input embedding matrix ({family.input_embeddings_key} or NeMo's "
             "top-level embed_tokens.weight); it is needed to run the language model."
         )
+    _check_backbone_matches(llm, family, text_config, config_source)
 
     if tie_word_embeddings:
         llm.pop("lm_head.weight", None)
@@ -54,6 +57,27 @@ def language_model_state_dict(
                 llm[key] = torch.cat([llm[key], pad], dim=0)
     text_config["vocab_size"] = llm[family.input_embeddings_key].shape[0]
     return {LANGUAGE_MODEL_PREFIX + key: tensor for key, tensor in llm.items()}
+
+
+def _check_backbone_matches(
+    llm: dict[str, torch.Tensor], family: BackboneFamily, text_config: dict, config_source: str | Path
+) -> None:
+    # The two numbers that tell a wrong --backbone apart at once, before a long audit list.
+    hidden_size = llm[family.input_embeddings_key].shape[1]
+    layers = {int(match.group(1)) for key in llm if (match := re.match(r"model\.layers\.(\d+)\.", key))}
+    expected = {"hidden_size": text_config.get("hidden_size"), "num_hidden_layers": text_config.get("num_hidden_layers")}
+    found = {"hidden_size": hidden_size, "num_hidden_layers": max(layers) + 1 if layers else 0}
+    # Hybrid configs derive the layer count from their block pattern and may not store it.
+    mismatches = [
+        f"{name} {found[name]} in the checkpoint vs {expected[name]} in the config"
+        for name in found
+        if expected[name] is not None and expected[name] != found[name]
+    ]
+    if mismatches:
+        raise ConfigError(
+            f"the backbone config {config_source} does not describe the checkpoint's language model "
+            f"({'; '.join(mismatches)}). Pass --backbone with the backbone the model was trained from."
+        )
 
 
 def cast_floating(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

@@ -416,6 +416,12 @@ def split_dialog_item(item: Any) -> tuple[Any, dict[str, Any]]:
                 f"a dialog object needs a 'messages' key, got keys {sorted(item)}; write either a "
                 'list of messages or {"messages": [...], "kwargs": {...}}'
             )
+        unknown = sorted(set(item) - {"messages", "kwargs"})
+        if unknown:
+            raise PromptError(
+                f"a dialog object has unknown key(s) {unknown}; the keys are 'messages' and 'kwargs' "
+                "(template variables for this dialog)"
+            )
         kwargs = item.get("kwargs") or {}
         if not isinstance(kwargs, Mapping):
             raise PromptError(

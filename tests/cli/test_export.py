@@ -69,17 +69,115 @@ def test_export_cli_sharded_float32(workspace):
 
 
 def test_existing_output_needs_overwrite(workspace, capsys):
-    (workspace / "out").mkdir()
-    (workspace / "out" / "keep.txt").write_text("mine")
+    assert main(["export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "out"]) == 0
+    (workspace / "out" / "stale.txt").write_text("from an earlier export")
     status = main(["export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "out"])
     assert status == 1
     assert "--overwrite" in capsys.readouterr().err
-    assert (workspace / "out" / "keep.txt").read_text() == "mine"
 
     status = main(["export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "out", "--overwrite"])
     assert status == 0
-    assert not (workspace / "out" / "keep.txt").exists()
+    assert not (workspace / "out" / "stale.txt").exists()
     assert (workspace / "out" / "config.json").is_file()
+    assert _leftovers(workspace) == []
+
+
+def test_overwrite_keeps_foreign_directory(workspace, capsys):
+    (workspace / "out").mkdir()
+    (workspace / "out" / "notes.txt").write_text("mine")
+    status = main(["export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "out", "--overwrite"])
+    assert status == 1
+    assert "is not one" in capsys.readouterr().err
+    assert (workspace / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_never_deletes_inputs(workspace, capsys):
+    status = main(["export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "lightning", "--overwrite"])
+    assert status == 1
+    assert "contains the input lightning/step=2.ckpt" in capsys.readouterr().err
+    assert (workspace / "lightning" / "step=2.ckpt").exists()
+
+    status = main(["export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", ".", "--overwrite"])
+    assert status == 1
+    assert "working directory" in capsys.readouterr().err
+    assert (workspace / "exp_config.yaml").exists()
+    assert sorted(path.name for path in workspace.iterdir() if path.name.startswith(".")) == []
+
+
+def test_output_is_a_file(workspace, capsys):
+    (workspace / "afile").write_text("x")
+    status = main(["export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "afile"])
+    assert status == 1
+    assert "exists and is a file" in capsys.readouterr().err
+
+
+def test_invalid_shard_size_rejected_early(workspace, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "lightning/step=2.ckpt", "--output", "out", "--max-shard-size", "lots"])
+    assert exit_info.value.code == 2
+    assert "invalid size 'lots'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "lightning/step=2.ckpt", "--output", "out", "--max-shard-size", "5"])
+    assert "the smallest is 1MB" in capsys.readouterr().err
+
+
+def test_wrong_backbone_names_sizes(workspace, capsys, backbones_dir):
+    err = _run_failing(
+        capsys,
+        ["export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "out",
+         "--backbone", str(backbones_dir / "qwen3")],
+        workspace,
+        "hidden_size 8 in the checkpoint vs 1024 in the config",
+    )
+    assert "num_hidden_layers 2 in the checkpoint vs 28 in the config" in err
+
+
+def test_backbone_without_config_json(workspace, capsys):
+    (workspace / "empty-backbone").mkdir()
+    _run_failing(
+        capsys,
+        ["export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "out",
+         "--backbone", "empty-backbone"],
+        workspace,
+        "--backbone empty-backbone has no config.json",
+    )
+
+
+def test_missing_pretrained_llm_key(workspace, capsys):
+    config = yaml.safe_load((workspace / "exp_config.yaml").read_text())
+    config["model"]["pretrained_lm"] = config["model"].pop("pretrained_llm")
+    (workspace / "typo.yaml").write_text(yaml.safe_dump(config))
+    _run_failing(
+        capsys,
+        ["export", "lightning/step=2.ckpt", "--config", "typo.yaml", "--output", "out"],
+        workspace,
+        "`model.pretrained_llm` is not set in typo.yaml",
+    )
+
+
+def test_sigterm_cleans_staging(workspace):
+    import os
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "speechlm_bridge.cli", "export", "lightning/step=2.ckpt", "--config",
+         "exp_config.yaml", "--output", "out"],
+        cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    # Wait until the export stages its directory, then terminate it.
+    deadline = time.monotonic() + 120
+    while not list(workspace.glob(".out.partial-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the export finished before SIGTERM arrived")
+    assert process.returncode == 143, err[-2000:]
+    assert "terminated" in err
+    assert not (workspace / "out").exists()
+    assert _leftovers(workspace) == []
 
 
 def test_missing_checkpoint(workspace, capsys):

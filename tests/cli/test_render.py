@@ -183,3 +183,24 @@ def test_render_console_script(tmp_path, qwen3_dir):
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [record["dialog_index"] for record in records] == [0, 1]
     assert records[0]["answer_ids"][-1] == 151645
+
+
+def test_render_unknown_dialog_key(tmp_path, capsys, qwen3_dir):
+    messages = write_jsonl(tmp_path / "d.jsonl", [{"messages": GOOD, "kwarg": {"enable_thinking": False}}])
+    status, records = run_json(capsys, "--tokenizer", str(qwen3_dir), "--messages", str(messages))
+    assert status == 1
+    assert records[0]["dialog_index"] == 0
+    assert "unknown key(s) ['kwarg']" in records[0]["error"]
+
+
+def test_render_empty_file(tmp_path, capsys, qwen3_dir):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    status = main(["render", "--tokenizer", str(qwen3_dir), "--messages", str(tmp_path / "empty.jsonl")])
+    assert status == 1
+    assert "has no dialogs" in capsys.readouterr().err
+
+
+def test_verbose_after_subcommand(tmp_path, capsys, qwen3_dir):
+    messages = write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    status = main(["render", "-v", "--tokenizer", str(qwen3_dir), "--messages", str(messages), "--json"])
+    assert status == 0

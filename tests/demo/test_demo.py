@@ -39,3 +39,18 @@ def test_demo_audio_is_16khz_speech():
     assert audio.dtype.name == "float32"
     assert 2.0 < len(audio) / sampling_rate < 3.0
     assert 0.05 < abs(audio).max() <= 1.0
+
+
+def test_demo_leaves_foreign_workdir_alone(tmp_path, monkeypatch, capsys):
+    from speechlm_bridge.cli import main
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--workdir", "mine"]) == 1
+    assert "was not made by the demo" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+    assert main(["demo", "--workdir", "."]) == 1
+    assert "working directory" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").exists()
