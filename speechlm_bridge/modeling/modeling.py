@@ -18,7 +18,12 @@ import logging
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, ParakeetEncoder, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.parakeet.modeling_parakeet import (
+    ParakeetEncoderAttention,
+    ParakeetEncoderRelPositionalEncoding,
+)
 
 from speechlm_bridge.modeling.configuration import SpeechLMBridgeConfig
 from speechlm_bridge.modeling.perception import build_audio_adapter, build_audio_projector, encode_audio
@@ -40,6 +45,20 @@ class SpeechLMBridgePreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     # NeMo's batch-norm step counters are training state; the export drops them.
     _keys_to_ignore_on_load_missing = [r"num_batches_tracked"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers initializes sub-models (the Parakeet encoder, the causal LM) with their own
+        # `_init_weights`; the Conformer adapter's Parakeet blocks are plain modules and come here.
+        # Without this, the adapter's non-persistent `inv_freq` buffer keeps whatever memory
+        # `from_pretrained` allocated, which can be NaN.
+        super()._init_weights(module)
+        std = getattr(self.config.encoder_config, "initializer_range", 0.02)
+        if isinstance(module, ParakeetEncoderAttention):
+            init.normal_(module.bias_u, mean=0.0, std=std)
+            init.normal_(module.bias_v, mean=0.0, std=std)
+        elif isinstance(module, ParakeetEncoderRelPositionalEncoding):
+            init.copy_(module.inv_freq, module.compute_default_relative_positional_parameters(module.config))
 
 
 class SpeechLMBridgeForConditionalGeneration(SpeechLMBridgePreTrainedModel, GenerationMixin):

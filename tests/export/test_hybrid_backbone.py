@@ -187,3 +187,38 @@ def _adapter_shape(suffix, shape, encoder_width, adapter_width, *, heads, kernel
         else:
             replaced.append(dim)
     return tuple(replaced)
+
+
+def test_adapter_positions_initialized_on_load(tmp_path):
+    # Regression: the adapter's non-persistent inv_freq buffer is not in the weights; before the
+    # model's _init_weights covered it, it kept uninitialized memory and the adapter output NaN
+    # in some runs.
+    from speechlm_bridge.modeling.configuration import SpeechLMBridgeConfig
+    from speechlm_bridge.modeling.modeling import SpeechLMBridgeForConditionalGeneration
+
+    backbone_config = write_demo_backbone(tmp_path / "backbone")
+    config = SpeechLMBridgeConfig(
+        text_config=backbone_config,
+        encoder_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                        "intermediate_size": 64, "num_mel_bins": 80, "subsampling_conv_channels": 8},
+        adapter_config={
+            "adapter_type": "conformer",
+            "input_size": 32,
+            "conformer_config": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                 "intermediate_size": 32},
+        },
+        projector_config={"projector_type": "linear", "input_size": 16, "output_size": 64, "bias": True},
+        audio_token_id=0,
+    )
+    model = SpeechLMBridgeForConditionalGeneration(config)
+    positions = model.audio_adapter.encode_positions
+    expected = positions.compute_default_relative_positional_parameters(positions.config)
+    positions.inv_freq.fill_(float("nan"))
+    positions._is_hf_initialized = False
+    model._init_weights(positions)
+    assert torch.equal(positions.inv_freq, expected)
+
+    model.save_pretrained(tmp_path / "saved")
+    for _ in range(3):
+        loaded = SpeechLMBridgeForConditionalGeneration.from_pretrained(tmp_path / "saved")
+        assert torch.equal(loaded.audio_adapter.encode_positions.inv_freq, expected)
