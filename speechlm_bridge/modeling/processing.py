@@ -85,7 +85,8 @@ class SpeechLMBridgeProcessor(ProcessorMixin):
 
         Pass either `text` (rendered prompts) or `messages` (one dialog, or a list of dialogs,
         rendered here with `render_prompt(**template_kwargs)`). The prompts contain one audio
-        locator tag per audio, in order across the batch. Returns `input_ids`, `attention_mask`
+        locator tag per audio, in order across the batch. With `messages` and no `audio`, the
+        arrays come from the audio content parts (`{"type": "audio", "audio": array}`). Returns `input_ids`, `attention_mask`
         and, with audio, `input_features` `(num_audios, mel_frames, mel_bins)` and
         `input_features_mask` `(num_audios, mel_frames)`.
         """
@@ -94,6 +95,8 @@ class SpeechLMBridgeProcessor(ProcessorMixin):
         if messages is not None:
             dialogs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
             text = [self.render_prompt(dialog, **(template_kwargs or {})) for dialog in dialogs]
+            if audio is None:
+                audio = _audio_from_parts(dialogs) or None
         texts = [text] if isinstance(text, str) else list(text)
         audios = [] if audio is None else ([audio] if _is_single_audio(audio) else list(audio))
 
@@ -151,6 +154,20 @@ class SpeechLMBridgeProcessor(ProcessorMixin):
 
     def decode(self, *args: Any, **kwargs: Any) -> str:
         return self.tokenizer.decode(*args, **kwargs)
+
+
+def _audio_from_parts(dialogs: list[list[dict[str, Any]]]) -> list[np.ndarray]:
+    """Collect the arrays of `{"type": "audio", "audio": array}` content parts, in order."""
+    arrays = []
+    for dialog in dialogs:
+        for message in dialog:
+            content = message.get("content")
+            if not isinstance(content, list):
+                continue
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "audio" and "audio" in part:
+                    arrays.append(np.asarray(part["audio"], dtype=np.float32))
+    return arrays
 
 
 def _is_single_audio(audio: Any) -> bool:

@@ -90,3 +90,15 @@ def test_text_and_messages_exclusive(processor):
 def test_too_short_audio_rejected(processor):
     with pytest.raises(ValueError, match="audio 0 has 100 samples, too short"):
         processor(text=f"{TAG}", audio=np.zeros(100, dtype=np.float32), sampling_rate=16000)
+
+
+def test_audio_taken_from_content_parts(processor):
+    audio = np.sin(np.arange(16000, dtype=np.float32) / 9.0)
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Transcribe:"}, {"type": "audio", "audio": audio}]}
+    ]
+    from_parts = processor(messages=messages, sampling_rate=16000)
+    from_text = processor(text=processor.render_prompt(messages), audio=audio, sampling_rate=16000)
+    assert torch.equal(from_parts["input_ids"], from_text["input_ids"])
+    assert torch.equal(from_parts["input_features"], from_text["input_features"])
+    assert int((from_parts["input_ids"] == processor.audio_token_id).sum()) == _frames(16000)
