@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 
@@ -62,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except _Terminated:
         print("terminated", file=sys.stderr)
         return 143
+    except BrokenPipeError:
+        # The reader went away (`render --json | head`): stop quietly, as Unix filters do, and
+        # keep Python from reporting the pipe again while it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return int(status or 0)
 
 

@@ -12,15 +12,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Write a tiny SALM-layout checkpoint with random weights as a 2-rank torch.distributed "
             "checkpoint (gloo on CPU), export it, load the export with transformers and transcribe "
-            "a bundled audio clip. No network; about a minute on 2 cores."
+            "a bundled audio clip. No network; under a minute on 2 cores."
         ),
     )
     parser.add_argument(
         "--workdir",
         default="speechlm-bridge-demo",
         help=(
-            "directory for the demo's files; an earlier demo's directory is replaced, any other "
-            "existing one is left alone (default: ./speechlm-bridge-demo)"
+            "directory for the demo's files; an empty one or an earlier demo's is replaced, any "
+            "other existing one is left alone (default: ./speechlm-bridge-demo)"
         ),
     )
     parser.set_defaults(func=run)

@@ -48,7 +48,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_shard_size,
         help="largest safetensors shard, at least 1MB, e.g. 5GB, 500MB or 2GiB (default: 5GB)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=(
+            "replace --output if it is an earlier export or empty; other directories, and ones that "
+            "contain an input or the working directory, are never deleted"
+        ),
+    )
     parser.set_defaults(func=run)
 
 

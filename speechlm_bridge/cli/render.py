@@ -74,7 +74,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--audio-locator-tag",
         default=None,
         metavar="TAG",
-        help="special token that marks an audio input (default: config.json's or the tokenizer's)",
+        help=(
+            "special token that marks an audio input, added to the tokenizer if missing "
+            "(default: config.json's or the tokenizer's)"
+        ),
     )
     parser.add_argument(
         "--template-kwargs",
@@ -113,8 +116,16 @@ def run(args: argparse.Namespace) -> int:
 
     failed = 0
     total = 0
+    warned_tag = False
     for dialog_index, line in _read_lines(args.messages):
         total += 1
+        if formatter.audio_locator_tag is None and not warned_tag and "<|audio" in line:
+            warned_tag = True
+            print(
+                f"warning: {args.tokenizer} has no audio locator tag, so text such as <|audio|> is "
+                "tokenized as plain text; pass --audio-locator-tag with the tag training used",
+                file=sys.stderr,
+            )
         try:
             item = _parse_line(dialog_index, line)
             messages, dialog_kwargs = split_dialog_item(item)
@@ -213,6 +224,10 @@ def _read_lines(path: str) -> Iterator[tuple[int, str]]:
     except FileNotFoundError as err:
         raise SpeechLMBridgeError(
             f"messages file {file_path} not found; pass a JSONL file with one dialog per line"
+        ) from err
+    except IsADirectoryError as err:
+        raise SpeechLMBridgeError(
+            f"--messages {file_path} is a directory; pass a JSONL file with one dialog per line"
         ) from err
     except UnicodeDecodeError as err:
         raise SpeechLMBridgeError(

@@ -31,6 +31,8 @@ class PerceptionExport:
     adapter_config: dict[str, Any] | None
     projector_config: dict[str, Any]
     feature_extractor_config: dict[str, Any]
+    # The ASR model read for the encoder config, when the model config lacked it.
+    asr_path: Path | None = None
 
 
 def export_perception(
@@ -50,8 +52,9 @@ def export_perception(
 
     # NeMo builds the preprocessor and encoder from the ASR model's own config when
     # `pretrained_weights` is true, so the experiment YAML does not contain them.
+    asr_path = None
     if "encoder" not in perception_cfg or "preprocessor" not in perception_cfg:
-        asr_cfg = _read_asr_config(model_config, asr_override, search_dirs)
+        asr_path, asr_cfg = _read_asr_config(model_config, asr_override, search_dirs)
         for key in ("preprocessor", "encoder"):
             if key not in perception_cfg:
                 if key not in asr_cfg:
@@ -80,10 +83,13 @@ def export_perception(
         adapter_config=adapter_config_from_nemo(perception_cfg["modality_adapter"]),
         projector_config=projector_config,
         feature_extractor_config=feature_extractor_config,
+        asr_path=asr_path,
     )
 
 
-def _read_asr_config(model_config: ModelConfig, asr_override: str | Path | None, search_dirs: list[Path]) -> dict:
+def _read_asr_config(
+    model_config: ModelConfig, asr_override: str | Path | None, search_dirs: list[Path]
+) -> tuple[Path, dict]:
     from speechlm_bridge.checkpoints import read_nemo_archive
 
     asr_path = resolve_local_dir(
@@ -95,4 +101,4 @@ def _read_asr_config(model_config: ModelConfig, asr_override: str | Path | None,
         source=model_config.source,
     )
     logger.info("reading the encoder and preprocessor config from %s", asr_path)
-    return read_nemo_archive(asr_path).config
+    return asr_path, read_nemo_archive(asr_path).config

@@ -90,6 +90,10 @@ def export_checkpoint(
     output = Path(output)
     given_inputs = [Path(p) for p in (checkpoint, config, backbone, asr) if p is not None]
     check_output_dir(output, overwrite=overwrite, inputs=given_inputs)
+    # Typos in paths fail now, not after a multi-GB checkpoint has been read.
+    for option, value in (("--config", config), ("--backbone", backbone), ("--asr", asr)):
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"{option} {value} does not exist; check the path")
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not supported; use auto, {', '.join(DTYPES)}")
     max_shard_size = parse_shard_size(max_shard_size)
@@ -138,7 +142,7 @@ def export_checkpoint(
     )
 
     # 5. Stage the directory.
-    inputs = given_inputs + [backbone_dir, tokenizer_dir]
+    inputs = given_inputs + [backbone_dir, tokenizer_dir, perception.asr_path]
     with staged_output_dir(output, overwrite=overwrite, inputs=inputs) as staging:
         logger.info("step 5/6: writing tokenizer, weights and configs to %s", staging)
         tokenizer_export = export_tokenizer(tokenizer_dir, staging, audio_locator_tag=audio_locator_tag)

@@ -50,7 +50,10 @@ def language_model_state_dict(
     embeddings = llm[family.input_embeddings_key]
     rows_needed = max(audio_token_id + 1, int(text_config.get("vocab_size") or 0))
     if embeddings.shape[0] < rows_needed:
-        logger.info("padding the embedding table from %d to %d rows for the audio token", embeddings.shape[0], rows_needed)
+        logger.info(
+            "padding the embedding table from %d to %d rows (the config's vocab_size, or room for "
+            "the audio token id %d)", embeddings.shape[0], rows_needed, audio_token_id,
+        )
         for key in (family.input_embeddings_key, "lm_head.weight"):
             if key in llm:
                 pad = llm[key].new_zeros((rows_needed - llm[key].shape[0], *llm[key].shape[1:]))

@@ -78,6 +78,7 @@ class SpeechLMBridgeProcessor(ProcessorMixin):
         sampling_rate: int | None = None,
         return_tensors: str | None = "pt",
         padding: bool | str = True,
+        padding_side: str = "left",
         template_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
@@ -88,7 +89,8 @@ class SpeechLMBridgeProcessor(ProcessorMixin):
         locator tag per audio, in order across the batch. With `messages` and no `audio`, the
         arrays come from the audio content parts (`{"type": "audio", "audio": array}`). Returns `input_ids`, `attention_mask`
         and, with audio, `input_features` `(num_audios, mel_frames, mel_bins)` and
-        `input_features_mask` `(num_audios, mel_frames)`.
+        `input_features_mask` `(num_audios, mel_frames)`. Prompts are padded on the left by
+        default, so that `generate()` continues every row right after its own prompt.
         """
         if (text is None) == (messages is None):
             raise ValueError("pass exactly one of text (rendered prompts) and messages (chat dialogs)")
@@ -124,7 +126,12 @@ class SpeechLMBridgeProcessor(ProcessorMixin):
             texts = self._expand_audio_tags(texts, [len(item) for item in audios])
 
         encoded = self.tokenizer(
-            texts, add_special_tokens=False, padding=padding, return_tensors=return_tensors, **kwargs
+            texts,
+            add_special_tokens=False,
+            padding=padding,
+            padding_side=padding_side,
+            return_tensors=return_tensors,
+            **kwargs,
         )
         data.update(encoded)
         return BatchFeature(data=data, tensor_type=return_tensors)

@@ -130,9 +130,17 @@ class ChatFormatter:
                 f"could not load a tokenizer from {directory}: {err}; the directory needs "
                 "tokenizer.json (or the backbone's vocabulary files) and tokenizer_config.json"
             ) from err
+        tag = audio_locator_tag or config.get("audio_locator_tag")
+        if tag and tag not in tokenizer.get_added_vocab():
+            # A backbone tokenizer lacks the tag until training adds it (NeMo appends it as a
+            # special token after the vocabulary); register it the same way here.
+            from tokenizers import AddedToken
+
+            tokenizer.add_tokens([AddedToken(tag, special=True, normalized=False)], special_tokens=True)
+            logger.info("registered audio locator tag %r as id %d", tag, tokenizer.convert_tokens_to_ids(tag))
         return cls(
             tokenizer,
-            audio_locator_tag=audio_locator_tag or config.get("audio_locator_tag"),
+            audio_locator_tag=tag,
             template_kwargs={**settings.template_kwargs, **(template_kwargs or {})},
             loss_on=loss_on or settings.loss_on,
         )

@@ -157,8 +157,10 @@ def render_chat(
     """Render messages with the tokenizer's chat template, as serving does, without tokenizing.
 
     Template errors (a `raise_exception` in the template, an undefined variable, a type error
-    on a message field) become PromptError.
+    on a message field) become PromptError. A template kwarg the template never reads is logged
+    as a warning once, because it has no effect and is most often a misspelling.
     """
+    _warn_unused_template_kwargs(tokenizer.chat_template, template_kwargs)
     try:
         return tokenizer.apply_chat_template(
             list(messages),
@@ -198,3 +200,29 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     ids = set(tokenizer.all_special_ids)
     ids.update(index for index, token in tokenizer.added_tokens_decoder.items() if token.special)
     return frozenset(ids)
+
+
+_warned_unused: set[tuple[int, str]] = set()
+
+
+def _warn_unused_template_kwargs(chat_template: Any, template_kwargs: Mapping[str, Any]) -> None:
+    if not template_kwargs or not isinstance(chat_template, str):
+        return
+    # transformers' own helper parses with the extensions its chat templates use; a private
+    # name in transformers 5.19, so a missing helper only skips the warning.
+    try:
+        from transformers.utils.chat_template_utils import _get_template_variables
+
+        variables = _get_template_variables(chat_template)
+    except Exception:  # noqa: BLE001 - the warning is advisory, rendering must not fail on it
+        return
+    for name in template_kwargs:
+        key = (hash(chat_template), name)
+        if name not in variables and key not in _warned_unused:
+            _warned_unused.add(key)
+            logger.warning(
+                "template kwarg %r is not read by this chat template, so it has no effect; check the "
+                "spelling (the template reads: %s)",
+                name,
+                ", ".join(sorted(v for v in variables if v not in ("messages", "add_generation_prompt"))) or "nothing",
+            )

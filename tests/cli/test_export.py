@@ -196,7 +196,7 @@ def test_missing_config_file(workspace, capsys):
         capsys,
         ["export", "lightning/step=2.ckpt", "--config", "missing.yaml", "--output", "out"],
         workspace,
-        "experiment config missing.yaml not found",
+        "--config missing.yaml does not exist",
     )
 
 
@@ -314,3 +314,29 @@ def test_unknown_prompt_format(workspace, capsys):
         "`model.prompt_format` in typo.yaml: unknown prompt_format 'qwen4'",
     )
     assert "qwen3" in err
+
+
+def test_overwrite_never_deletes_config_named_asr(workspace, capsys):
+    # The ASR model named by model.pretrained_asr is an input too, not only --asr.
+    assert main(["export", "lightning/step=2.ckpt", "--config", "exp_config.yaml", "--output", "out"]) == 0
+    shutil.copy(workspace / "asr" / "tiny-fastconformer-ctc.nemo", workspace / "out" / "asr.nemo")
+    config = yaml.safe_load((workspace / "exp_config.yaml").read_text())
+    config["model"]["pretrained_asr"] = "out/asr.nemo"
+    (workspace / "asr-inside.yaml").write_text(yaml.safe_dump(config))
+    status = main(["export", "lightning/step=2.ckpt", "--config", "asr-inside.yaml", "--output", "out", "--overwrite"])
+    assert status == 1
+    assert "contains the input out/asr.nemo" in capsys.readouterr().err
+    assert (workspace / "out" / "asr.nemo").is_file()
+
+
+def test_bad_paths_fail_before_reading(workspace, capsys, monkeypatch):
+    import speechlm_bridge.checkpoints as checkpoints
+
+    def fail_read(path):
+        raise AssertionError("the checkpoint was read before the paths were checked")
+
+    monkeypatch.setattr(checkpoints, "read_checkpoint", fail_read)
+    for option in ("--config", "--backbone", "--asr"):
+        status = main(["export", "lightning/step=2.ckpt", "--output", "out", option, "missing-path"])
+        assert status == 1
+        assert f"{option} missing-path does not exist" in capsys.readouterr().err

@@ -204,3 +204,39 @@ def test_verbose_after_subcommand(tmp_path, capsys, qwen3_dir):
     messages = write_jsonl(tmp_path / "d.jsonl", [GOOD])
     status = main(["render", "-v", "--tokenizer", str(qwen3_dir), "--messages", str(messages), "--json"])
     assert status == 0
+
+
+def test_render_backbone_with_audio_tag(tmp_path, capsys, qwen3_dir):
+    dialog = [{"role": "user", "content": "Transcribe: <|audio|>"}, {"role": "assistant", "content": "hi"}]
+    messages = write_jsonl(tmp_path / "d.jsonl", [dialog])
+    status, records = run_json(capsys, "--tokenizer", str(qwen3_dir), "--messages", str(messages))
+    assert status == 0
+    assert records[0]["audio_positions"] == []
+
+    status, records = run_json(
+        capsys, "--tokenizer", str(qwen3_dir), "--messages", str(messages), "--audio-locator-tag", "<|audio|>"
+    )
+    assert status == 0
+    positions = records[0]["audio_positions"]
+    assert len(positions) == 1
+    assert records[0]["input_ids"][positions[0]] == 151669
+
+
+def test_render_warns_without_audio_tag(tmp_path, capsys, qwen3_dir):
+    dialog = [{"role": "user", "content": "Transcribe: <|audio|>"}, {"role": "assistant", "content": "hi"}]
+    messages = write_jsonl(tmp_path / "d.jsonl", [dialog])
+    main(["render", "--tokenizer", str(qwen3_dir), "--messages", str(messages), "--json"])
+    assert "has no audio locator tag" in capsys.readouterr().err
+
+
+def test_render_messages_directory(tmp_path, capsys, qwen3_dir):
+    status = main(["render", "--tokenizer", str(qwen3_dir), "--messages", str(tmp_path)])
+    assert status == 1
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_unused_template_kwarg_warns(tmp_path, qwen3_dir, caplog):
+    messages = write_jsonl(tmp_path / "d.jsonl", [{"messages": GOOD, "kwargs": {"enable_thinkin": False}}])
+    with caplog.at_level("WARNING", logger="speechlm_bridge.prompts.rendering"):
+        assert main(["render", "--tokenizer", str(qwen3_dir), "--messages", str(messages), "--json"]) == 0
+    assert "'enable_thinkin' is not read by this chat template" in caplog.text

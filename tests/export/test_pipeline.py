@@ -202,3 +202,22 @@ def test_generate_runs_on_every_export(exports, golden):
         inputs = processor(text=prompt, audio=golden_outputs["audio"][0].numpy(), sampling_rate=16000)
         output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert output.shape == (1, inputs["input_ids"].shape[1] + 3), name
+
+
+def test_batched_generate_matches_single(exports, golden):
+    # Regression: right padding (the backbone tokenizer's default) changed the shorter row's logits.
+    _, golden_outputs = golden
+    model, processor = _load(exports["lightning"])
+    audio = golden_outputs["audio"][0].numpy()
+    dialogs = [
+        [{"role": "user", "content": "Transcribe the following: <|audio|>"}],
+        [{"role": "system", "content": "You are a careful, helpful transcriber."},
+         {"role": "user", "content": "Please transcribe the following clip: <|audio|>"}],
+    ]
+    kwargs = {"sampling_rate": 16000, "template_kwargs": {"enable_thinking": False}}
+    batch = processor(messages=dialogs, audio=[audio[:16000], audio], **kwargs)
+    with torch.no_grad():
+        batch_logits = model(**batch).logits[:, -1]
+        for row, (dialog, clip) in enumerate(zip(dialogs, [audio[:16000], audio])):
+            single = processor(messages=dialog, audio=clip, **kwargs)
+            torch.testing.assert_close(batch_logits[row], model(**single).logits[0, -1], atol=1e-5, rtol=1e-4)

@@ -52,7 +52,9 @@ def test_batch_with_two_audio_lengths(processor):
     assert counts == [_frames(8000), _frames(16000)]
     assert inputs["input_features"].shape[0] == 2
     assert inputs["input_features_mask"].sum(dim=1).tolist() == [50, 100]
-    # Padding follows the tokenizer's side; every prompt keeps all its text tokens.
+    # Left padding, for generate(); every prompt keeps all its text tokens.
+    assert inputs["attention_mask"][0, -1] == 1
+    assert inputs["attention_mask"][0, 0] == 0
     assert inputs["attention_mask"].sum(dim=1).tolist() == [
         len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
         for text in [f"a {TAG * counts[0]}", f"b {TAG * counts[1]} c"]
