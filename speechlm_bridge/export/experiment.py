@@ -9,6 +9,7 @@ config file).
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,10 @@ class ModelConfig:
 
     def require(self, key: str) -> Any:
         if key not in self.values or self.values[key] in (None, ""):
+            close = difflib.get_close_matches(key, [str(name) for name in self.values], n=1)
+            hint = f" It has `model.{close[0]}`; is that a misspelling?" if close and close[0] != key else ""
             raise ConfigError(
-                f"{self.source} has no `model.{key}`. NeMo's SALM configs always set it; pass the "
+                f"{self.source} has no `model.{key}`.{hint} NeMo's SALM configs always set it; pass the "
                 "experiment YAML that training saved (exp_config.yaml in the log directory) with --config."
             )
         value = self.values[key]

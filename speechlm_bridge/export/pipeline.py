@@ -129,6 +129,13 @@ def export_checkpoint(
     salm = split_salm_state_dict(
         state_dict, lora_config=model_config.get("lora"), input_embeddings_key=family.input_embeddings_key
     )
+    if model_config.get("lora") and not salm.lora_merged_modules:
+        logger.warning(
+            "%s has a `model.lora` section but the checkpoint has no LoRA adapters; exporting the "
+            "weights as they are (check that config and checkpoint belong to the same run)",
+            model_config.source,
+        )
+        notes.append("the config has `model.lora` but the checkpoint has no LoRA adapters")
     if not salm.tie_word_embeddings and backbone_config.get("tie_word_embeddings"):
         notes.append(
             "lm_head differs from embed_tokens (FSDP2 unties them during training); both were kept "
@@ -261,6 +268,7 @@ def _resolve_backbone(
     elif local_llm is not None:
         backbone_dir = local_llm
     else:
+        model_config.require("pretrained_llm")
         # Raises the error that names the key and the --backbone option.
         backbone_dir = resolve_local_dir(
             model_config.get("pretrained_llm"), key="model.pretrained_llm", override=None,

@@ -100,6 +100,11 @@ class SpeechLMBridgeProcessor(ProcessorMixin):
             if audio is None:
                 audio = _audio_from_parts(dialogs) or None
         texts = [text] if isinstance(text, str) else list(text)
+        if isinstance(audio, (np.ndarray, torch.Tensor)) and audio.ndim > 1:
+            raise ValueError(
+                f"audio has shape {tuple(audio.shape)}; pass one mono 1-D array, or a list of them "
+                "for several audios (average the channels of stereo audio first)"
+            )
         audios = [] if audio is None else ([audio] if _is_single_audio(audio) else list(audio))
 
         tag_counts = [sample.count(self.audio_token) for sample in texts]

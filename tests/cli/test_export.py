@@ -151,7 +151,7 @@ def test_missing_pretrained_llm_key(workspace, capsys):
         capsys,
         ["export", "lightning/step=2.ckpt", "--config", "typo.yaml", "--output", "out"],
         workspace,
-        "`model.pretrained_llm` is not set in typo.yaml",
+        "typo.yaml has no `model.pretrained_llm`. It has `model.pretrained_lm`; is that a misspelling?",
     )
 
 
@@ -340,3 +340,10 @@ def test_bad_paths_fail_before_reading(workspace, capsys, monkeypatch):
         status = main(["export", "lightning/step=2.ckpt", "--output", "out", option, "missing-path"])
         assert status == 1
         assert f"{option} missing-path does not exist" in capsys.readouterr().err
+
+
+def test_lora_config_without_adapters_noted(workspace, capsys, nemo_salm_dir):
+    shutil.copy(nemo_salm_dir / "exp_config_lora.yaml", workspace / "lora.yaml")
+    status = main(["export", "lightning/step=2.ckpt", "--config", "lora.yaml", "--output", "out"])
+    assert status == 0
+    assert "the config has `model.lora` but the checkpoint has no LoRA adapters" in capsys.readouterr().out

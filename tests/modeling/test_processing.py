@@ -104,3 +104,8 @@ def test_audio_taken_from_content_parts(processor):
     assert torch.equal(from_parts["input_ids"], from_text["input_ids"])
     assert torch.equal(from_parts["input_features"], from_text["input_features"])
     assert int((from_parts["input_ids"] == processor.audio_token_id).sum()) == _frames(16000)
+
+
+def test_two_dimensional_audio_rejected(processor):
+    with pytest.raises(ValueError, match=r"audio has shape \(2, 16000\); pass one mono 1-D array"):
+        processor(text=f"{TAG} {TAG}", audio=np.zeros((2, 16000), dtype=np.float32), sampling_rate=16000)
