@@ -38,7 +38,7 @@ from speechlm_bridge.export.support_files import (
     write_model_config,
     write_processor_configs,
 )
-from speechlm_bridge.export.tokenizer import export_tokenizer
+from speechlm_bridge.export.tokenizer import check_json_file, export_tokenizer
 from speechlm_bridge.export.weights import (
     DTYPES,
     audit_state_dict,
@@ -301,14 +301,14 @@ def _has_tokenizer_files(directory: Path) -> bool:
 
 
 def _tokenizer_files_intact(directory: Path) -> bool:
-    """False when a JSON tokenizer file does not parse, e.g. a symlink a copy turned into text."""
+    """Return False when a JSON tokenizer file does not parse, e.g. a symlink a copy turned into text."""
     for name in ("tokenizer.json", "tokenizer_config.json"):
         path = directory / name
         if path.is_file():
             try:
-                json.loads(path.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                logger.warning("%s is not valid JSON; looking for the tokenizer elsewhere", path)
+                check_json_file(path)
+            except ConfigError as err:
+                logger.warning("%s Looking for the tokenizer elsewhere.", err)
                 return False
     return True
 

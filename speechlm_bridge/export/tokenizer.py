@@ -89,7 +89,7 @@ def load_backbone_tokenizer(tokenizer_dir: Path):
         for name in TOKENIZER_FILE_NAMES:
             source = tokenizer_dir / name
             if source.is_file():
-                _check_json_file(source)
+                check_json_file(source)
                 shutil.copyfile(source, Path(isolated) / name)
         try:
             return AutoTokenizer.from_pretrained(isolated, local_files_only=True)
@@ -100,7 +100,8 @@ def load_backbone_tokenizer(tokenizer_dir: Path):
             ) from err
 
 
-def _check_json_file(path: Path) -> None:
+def check_json_file(path: Path) -> None:
+    """Raise ConfigError when a `.json` tokenizer file does not parse, with a hint for flattened symlinks."""
     if path.suffix != ".json":
         return
     text = path.read_text(encoding="utf-8", errors="replace")

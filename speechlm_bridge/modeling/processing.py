@@ -105,7 +105,12 @@ class SpeechLMBridgeProcessor(ProcessorMixin):
                 f"audio has shape {tuple(audio.shape)}; pass one mono 1-D array, or a list of them "
                 "for several audios (average the channels of stereo audio first)"
             )
-        audios = [] if audio is None else ([audio] if _is_single_audio(audio) else list(audio))
+        if audio is None:
+            audios = []
+        elif _is_single_audio(audio):
+            audios = [audio]
+        else:
+            audios = list(audio)
 
         tag_counts = [sample.count(self.audio_token) for sample in texts]
         if sum(tag_counts) != len(audios):

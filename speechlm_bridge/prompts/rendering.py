@@ -10,6 +10,7 @@ renders its text (`{{ bos_token }}`). Adding special tokens on top would double 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -202,27 +203,36 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     return frozenset(ids)
 
 
-_warned_unused: set[tuple[int, str]] = set()
+_warned_unused: set[tuple[str, str]] = set()
 
 
 def _warn_unused_template_kwargs(chat_template: Any, template_kwargs: Mapping[str, Any]) -> None:
     if not template_kwargs or not isinstance(chat_template, str):
         return
-    # transformers' own helper parses with the extensions its chat templates use; a private
-    # name in transformers 5.19, so a missing helper only skips the warning.
-    try:
-        from transformers.utils.chat_template_utils import _get_template_variables
-
-        variables = _get_template_variables(chat_template)
-    except Exception:  # noqa: BLE001 - the warning is advisory, rendering must not fail on it
+    variables = _template_variables(chat_template)
+    if variables is None:
         return
     for name in template_kwargs:
-        key = (hash(chat_template), name)
+        key = (chat_template, name)
         if name not in variables and key not in _warned_unused:
             _warned_unused.add(key)
+            read = sorted(v for v in variables if v not in ("messages", "add_generation_prompt"))
             logger.warning(
                 "template kwarg %r is not read by this chat template, so it has no effect; check the "
                 "spelling (the template reads: %s)",
                 name,
-                ", ".join(sorted(v for v in variables if v not in ("messages", "add_generation_prompt"))) or "nothing",
+                ", ".join(read) or "nothing",
             )
+
+
+@functools.lru_cache(maxsize=32)
+def _template_variables(chat_template: str) -> frozenset[str] | None:
+    # Parsed once per template, because render_chat runs twice per trained turn. transformers'
+    # helper parses with the extensions its chat templates use. It is private in transformers
+    # 5.19, so a missing helper only skips the warning.
+    try:
+        from transformers.utils.chat_template_utils import _get_template_variables
+
+        return _get_template_variables(chat_template)
+    except Exception:  # noqa: BLE001 - the warning is advisory, rendering must not fail on it
+        return None
