@@ -83,7 +83,7 @@ def read_backbone_config(backbone_dir: str | Path) -> dict:
     path = Path(backbone_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(
-            f"backbone config {path} not found. Pass --backbone with a local directory that holds "
+            f"backbone config {path} not found. Pass --backbone with a local directory that contains "
             "the causal LM's config.json and tokenizer files (the Hub is not used)."
         )
     try:

@@ -9,7 +9,7 @@ class SpeechLMBridgeError(Exception):
 
 
 class CheckpointError(SpeechLMBridgeError):
-    """A checkpoint that is missing, unreadable or not in a layout this tool knows."""
+    """A checkpoint that is missing, unreadable or not in a layout this tool reads."""
 
 
 class ConfigError(SpeechLMBridgeError):

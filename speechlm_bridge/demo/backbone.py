@@ -49,8 +49,8 @@ def write_demo_backbone(directory: Path, *, vocab_size: int = 512, hidden_size: 
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
-    # The embedding table keeps spare rows past the tokenizer, as real backbones do (Qwen3: 151936
-    # rows for 151669 tokens); the audio locator tag takes the first spare one.
+    # The embedding table keeps spare rows past the tokenizer, as real backbones do (Qwen3 has
+    # 151936 rows for 151669 tokens). The audio locator tag takes the first spare one.
     config = {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",

@@ -82,6 +82,8 @@ def write_processor_configs(directory: Path, *, perception: PerceptionExport, au
     feature_extractor = SpeechLMBridgeFeatureExtractor(**perception.feature_extractor_config)
     feature_extractor.save_pretrained(str(directory))
 
+    # The subsampling values repeat the encoder config because AutoProcessor loads without
+    # reading config.json; they feed the one frame-count function.
     encoder = perception.encoder_config
     processor_config = {
         "processor_class": "SpeechLMBridgeProcessor",

@@ -7,8 +7,8 @@ positions with the projected encoder frames, in order. For one 1.5 s clip (19 fr
     input_ids     <|im_start|> user \\n ... : ␣ <|audio|> × 19 <|im_end|> ...
     inputs_embeds  e            e    e  ... e  e  a0 ... a18   e          ...
 
-NeMo's training keeps one placeholder token and splices 19 embeddings in its place; the positions
-the LM sees are the same.
+NeMo's training keeps one placeholder token and splices 19 embeddings in its place, so the LM
+gets the same embeddings at the same positions either way.
 """
 
 from __future__ import annotations

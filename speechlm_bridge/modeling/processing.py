@@ -18,9 +18,9 @@ class SpeechLMBridgeProcessor(ProcessorMixin):
     """Feature extractor + the backbone's tokenizer with the audio locator tag added.
 
     `__call__(text, audio)` turns each audio locator tag in `text` into as many copies of the tag
-    as the encoder emits frames for the matching audio (`audio_frame_count`), then tokenizes the
-    text without adding special tokens: the prompt comes from the chat template, which already
-    contains every special token serving feeds the model.
+    as the encoder emits frames for the matching audio (`audio_frame_count`). It then tokenizes
+    the text without adding special tokens, because the prompt comes from the chat template,
+    which already contains every special token serving feeds the model.
     """
 
     def __init__(

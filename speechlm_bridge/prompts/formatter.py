@@ -132,8 +132,8 @@ class ChatFormatter:
             ) from err
         tag = audio_locator_tag or config.get("audio_locator_tag")
         if tag and tag not in tokenizer.get_added_vocab():
-            # A backbone tokenizer lacks the tag until training adds it (NeMo appends it as a
-            # special token after the vocabulary); register it the same way here.
+            # A backbone tokenizer lacks the tag until training adds it. NeMo appends it as a
+            # special token after the vocabulary, so it is registered the same way here.
             from tokenizers import AddedToken
 
             tokenizer.add_tokens([AddedToken(tag, special=True, normalized=False)], special_tokens=True)

@@ -190,9 +190,9 @@ def _adapter_shape(suffix, shape, encoder_width, adapter_width, *, heads, kernel
 
 
 def test_adapter_positions_initialized_on_load(tmp_path):
-    # Regression: the adapter's non-persistent inv_freq buffer is not in the weights; before the
-    # model's _init_weights covered it, it kept uninitialized memory and the adapter output NaN
-    # in some runs.
+    # Regression: the adapter's non-persistent inv_freq buffer is not in the weights. Before the
+    # model's _init_weights covered it, the buffer kept uninitialized memory, so the adapter
+    # output NaN in some runs.
     from speechlm_bridge.modeling.configuration import SpeechLMBridgeConfig
     from speechlm_bridge.modeling.modeling import SpeechLMBridgeForConditionalGeneration
 
