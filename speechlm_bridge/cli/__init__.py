@@ -20,6 +20,7 @@ _SUBCOMMAND_MODULES = (
     "speechlm_bridge.cli.demo",
     "speechlm_bridge.cli.export",
     "speechlm_bridge.cli.render",
+    "speechlm_bridge.cli.serve",
 )
 
 

@@ -5,8 +5,10 @@ only string content and drops a list of parts. So before rendering, every list o
 parts becomes one string, the parts joined with a single space, an audio part contributing
 the audio locator tag. This is how NeMo merges consecutive text and audio turns of one role:
 `[{"type": "text", "text": "Transcribe:"}, {"type": "audio", ...}]` becomes
-`"Transcribe: <|audio|>"`. The same conversion runs for serving (`serving_prompt_ids`), so
-training and serving see the same text.
+`"Transcribe: <|audio|>"`. When the text parts of a message already hold one tag per audio
+part, as in a request written for vLLM, the audio parts only carry data and the text parts are
+joined alone. The same conversion runs for serving (`serving_prompt_ids`), so training and
+serving see the same text.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ def _normalize_message(index: int, message: Any, audio_locator_tag: str | None) 
 
 def _join_parts(index: int, parts: Sequence[Any], audio_locator_tag: str | None) -> str:
     pieces = []
+    audio_parts = 0
     for part_index, part in enumerate(parts):
         part_type = part.get("type") if isinstance(part, Mapping) else None
         if part_type == TEXT_PART_TYPE:
@@ -148,9 +151,24 @@ def _join_parts(index: int, parts: Sequence[Any], audio_locator_tag: str | None)
                     "token of the tokenizer) to the formatter"
                 )
             pieces.append(audio_locator_tag)
+            audio_parts += 1
         else:
             raise PromptError(
                 f"message {index}, content part {part_index} has type {part_type!r}; supported "
                 f"part types are {TEXT_PART_TYPE!r} and {', '.join(map(repr, AUDIO_PART_TYPES))}"
+            )
+    if audio_parts:
+        # A request written for vLLM has the tag in its text and an audio part with only the data.
+        # The text then marks where each audio goes.
+        text_pieces = [piece for piece, part in zip(pieces, parts) if part.get("type") == TEXT_PART_TYPE]
+        tags_in_text = sum(piece.count(audio_locator_tag) for piece in text_pieces)
+        if tags_in_text == audio_parts:
+            return PART_SEPARATOR.join(text_pieces)
+        if tags_in_text:
+            raise PromptError(
+                f"message {index} has {audio_parts} audio part(s) and {tags_in_text} audio locator "
+                f"tag(s) {audio_locator_tag!r} in its text; either write one tag in the text for "
+                "each audio part (where the audio is heard), or none, and each audio part stands "
+                "for a tag at its own place"
             )
     return PART_SEPARATOR.join(pieces)

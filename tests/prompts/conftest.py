@@ -108,14 +108,23 @@ def _template(stem: str) -> str:
 
 
 def to_template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Join content parts with one space, an audio part as AUDIO_TAG (the documented rule)."""
+    """Join content parts with one space, an audio part as AUDIO_TAG (the documented rule).
+
+    When the text parts already hold one tag per audio part, the audio parts add nothing.
+    """
     converted = []
     for message in messages:
         message = dict(message)
-        if isinstance(message.get("content"), list):
-            message["content"] = " ".join(
-                part["text"] if part["type"] == "text" else AUDIO_TAG for part in message["content"]
-            )
+        parts = message.get("content")
+        if isinstance(parts, list):
+            texts = [part["text"] for part in parts if part["type"] == "text"]
+            audio_parts = sum(part["type"] != "text" for part in parts)
+            if audio_parts and sum(text.count(AUDIO_TAG) for text in texts) == audio_parts:
+                message["content"] = " ".join(texts)
+            else:
+                message["content"] = " ".join(
+                    part["text"] if part["type"] == "text" else AUDIO_TAG for part in parts
+                )
         converted.append(message)
     return converted
 

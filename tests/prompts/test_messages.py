@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
+from speechlm_bridge.errors import PromptError
+
 from speechlm_bridge.prompts.messages import normalize_dialog
 
 TAG = "<|audio|>"
@@ -42,3 +46,23 @@ def test_other_fields_kept_and_input_unchanged():
     assert messages == before
     assert dialog.messages[1]["tool_calls"] == [{"function": {"name": "f"}}]
     assert dialog.messages[1]["content"] is None
+
+
+def test_tag_in_text_with_audio_part_adds_no_tag():
+    # The form of a vLLM request: the tag in the text, the audio part carries the data.
+    dialog = normalize_dialog(
+        [{"role": "user", "content": [{"type": "text", "text": "Transcribe: <|audio|>"}, {"type": "input_audio"}]}],
+        audio_locator_tag="<|audio|>",
+    )
+    assert dialog.messages[0]["content"] == "Transcribe: <|audio|>"
+    assert dialog.audio_counts == [1]
+
+
+def test_tags_in_text_not_matching_audio_parts_raise():
+    parts = [
+        {"type": "text", "text": "first <|audio|>"},
+        {"type": "audio"},
+        {"type": "audio"},
+    ]
+    with pytest.raises(PromptError, match=r"message 0 has 2 audio part\(s\) and 1 audio locator tag"):
+        normalize_dialog([{"role": "user", "content": parts}], audio_locator_tag="<|audio|>")

@@ -30,6 +30,7 @@ DOCUMENTED_ERRORS = re.compile(
             "has reasoning_content, but the chat template does not render it",
             "the rendered turn contains the end-of-turn token",
             "audio locator token(s) but messages",
+            "audio locator tag(s) '<|audio|>' in its text",
             "the template did not end the turn with its end-of-turn token",
         )
     )

