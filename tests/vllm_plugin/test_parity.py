@@ -75,17 +75,41 @@ def _demo_cases(audio: bytes) -> list[dict]:
     ]
 
 
+def _resampling_cases(audio: bytes) -> list[dict]:
+    """The demo clip at 8 kHz mono and at 16 kHz stereo: vLLM resamples and downmixes them.
+
+    `audios` is what transformers gets: the clip resampled as `librosa.load(sr=16000)` does (soxr,
+    high quality), and the mean of the two channels.
+    """
+    import librosa
+
+    samples, rate = decode_wav(audio)
+    slow_wav = wav_bytes(samples[::2], rate // 2)
+    slow, _ = decode_wav(slow_wav)
+    stereo_wav = wav_bytes(np.stack([samples, samples * 0.5], axis=1), rate)
+    stereo, _ = decode_wav(stereo_wav)
+    return [
+        {"name": "8 kHz", "messages": [_user(f"Transcribe: {TAG}", slow_wav)],
+         "audios": [librosa.resample(slow, orig_sr=rate // 2, target_sr=rate, res_type="soxr_hq")]},
+        {"name": "stereo", "messages": [_user(f"Transcribe: {TAG}", stereo_wav)],
+         "audios": [stereo.mean(axis=1)]},
+    ]
+
+
 def _run(export_dir: Path, cases: list[dict], workdir: Path) -> list[tuple[dict, dict]]:
+    """Run `cases`, then a request vLLM must reject: an audio part without the tag in the text."""
+    audio_part = cases[0]["messages"][-1]["content"][1]
+    cases = cases + [{"name": "no tag", "messages": [_user_parts("Transcribe:", audio_part)]}]
     requests = [
         {"messages": case["messages"], "chat_template_kwargs": case.get("chat_template_kwargs"), "max_tokens": MAX_TOKENS}
         for case in cases
     ]
-    # One request vLLM must refuse: an audio part without the tag in the text.
-    requests.append({"messages": [{"role": "user", "content": [{"type": "text", "text": "Transcribe:"},
-                                                             cases[0]["messages"][-1]["content"][1]]}],
-                     "max_tokens": MAX_TOKENS})
     results = run_vllm_requests(export_dir, requests, workdir)
-    return list(zip(cases + [{"name": "no tag"}], results))
+    return list(zip(cases, results))
+
+
+def _user_parts(text: str, *parts: dict) -> dict:
+    return {"role": "user", "content": [{"type": "text", "text": text}, *parts]}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +127,10 @@ def demo_run(tmp_path_factory):
     require_vllm()
     root = tmp_path_factory.mktemp("vllm-demo")
     export_dir = export_demo_model(root / "demo")
-    return export_dir, _run(export_dir, _demo_cases(_demo_audio_bytes()), root)
+    audio = _demo_audio_bytes()
+    runs = _run(export_dir, _demo_cases(audio) + _resampling_cases(audio), root)
+    # The rejected request stays last.
+    return export_dir, [run for run in runs if "audios" not in run[0]], [run for run in runs if "audios" in run[0]]
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +169,7 @@ def _check_case(export_dir, case, result, transformers_models):
     assert "error" not in result, f"{case['name']}: {result.get('error')}"
     model, processor = transformers_models(export_dir)
     kwargs = case.get("chat_template_kwargs") or {}
-    audios = _audios(case["messages"])
+    audios = case.get("audios") or _audios(case["messages"])
 
     # (a) prompt ids: vLLM == transformers processor == training formatter (tags expanded)
     inputs = processor(messages=case["messages"], audio=audios, template_kwargs=kwargs)
@@ -196,15 +223,21 @@ def test_nemo_fixture_thinking_changes_prompt(nemo_run):
 
 
 def test_demo_model_parity(demo_run, transformers_models):
-    export_dir, runs = demo_run
+    export_dir, runs, _ = demo_run
     outputs = [_check_case(export_dir, case, result, transformers_models) for case, result in runs[:-1]]
     # The comparison is only worth something if the model does not repeat one token.
     assert all(len(set(ids)) > 3 for ids in outputs), outputs
 
 
+def test_audio_resampled_and_downmixed(demo_run, transformers_models):
+    export_dir, _, runs = demo_run
+    for case, result in runs:
+        _check_case(export_dir, case, result, transformers_models)
+
+
 @pytest.mark.parametrize("run", ["nemo_run", "demo_run"])
 def test_audio_without_tag_is_refused(run, request):
-    _, runs = request.getfixturevalue(run)
+    runs = request.getfixturevalue(run)[1]
     case, result = runs[-1]
     assert "error" in result
     assert "0 audio locator tag(s) '<|audio|>' but the request has 1 audio(s)" in result["error"]
