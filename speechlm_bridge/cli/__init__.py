@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 # Each module defines `register(subparsers)`; a subcommand imports its heavy dependencies
 # (torch, transformers) only when it runs, so `--help` stays fast.
 _SUBCOMMAND_MODULES = (
+    "speechlm_bridge.cli.check",
     "speechlm_bridge.cli.demo",
     "speechlm_bridge.cli.export",
     "speechlm_bridge.cli.render",

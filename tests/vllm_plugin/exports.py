@@ -13,8 +13,18 @@ import torch
 DEMO_WEIGHT_STD = 0.35
 
 
-def export_demo_model(workdir: Path, *, seed: int = 0) -> Path:
-    """Write the demo backbone and random SALM weights in NeMo's names, export them, return the export."""
+# The demo backbone as another architecture of vLLM's registry: Llama has the same layout
+# without Qwen3's query/key norms.
+LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "mlp_bias": False}
+
+
+def export_demo_model(workdir: Path, *, seed: int = 0, llama: bool = False) -> Path:
+    """Write the demo backbone and random SALM weights in NeMo's names, export them, return the export.
+
+    With `llama`, the backbone is a Llama model instead of the demo's Qwen3.
+    """
+    import json
+
     from safetensors.torch import save_file
 
     from speechlm_bridge.demo.backbone import write_demo_backbone
@@ -22,6 +32,9 @@ def export_demo_model(workdir: Path, *, seed: int = 0) -> Path:
     from speechlm_bridge.export.pipeline import export_checkpoint
 
     backbone_config = write_demo_backbone(workdir / "backbone")
+    if llama:
+        backbone_config.update(LLAMA_CONFIG)
+        (workdir / "backbone" / "config.json").write_text(json.dumps(backbone_config, indent=2))
     config_path = workdir / "exp_config.yaml"
     model_config = write_experiment_config(config_path, backbone_dir="backbone", hidden_size=backbone_config["hidden_size"])
     weights = random_salm_state_dict(backbone_config, model_config, seed=seed)

@@ -9,6 +9,7 @@ One vLLM engine per export runs every request. The comparisons then run here:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,14 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def llama_run(tmp_path_factory):
+    require_vllm()
+    root = tmp_path_factory.mktemp("vllm-llama")
+    export_dir = export_demo_model(root / "llama", seed=1, llama=True)
+    return export_dir, _run(export_dir, _demo_cases(_demo_audio_bytes())[:1], root)
+
+
+@pytest.fixture(scope="module")
 def transformers_models():
     loaded = {}
 
@@ -204,8 +213,6 @@ def test_nemo_fixture_parity(nemo_run, transformers_models):
 
 
 def test_nemo_fixture_matches_golden_prompt(nemo_run):
-    import json
-
     golden = json.loads(fixture_path("nemo-salm", "golden", "golden_inputs.json").read_text())
     _, runs = nemo_run
     case, result = runs[0]
@@ -229,13 +236,21 @@ def test_demo_model_parity(demo_run, transformers_models):
     assert all(len(set(ids)) > 3 for ids in outputs), outputs
 
 
+def test_llama_backbone_parity(llama_run, transformers_models):
+    export_dir, runs = llama_run
+    config = json.loads((export_dir / "config.json").read_text())
+    assert config["text_config"]["architectures"] == ["LlamaForCausalLM"]
+    outputs = [_check_case(export_dir, case, result, transformers_models) for case, result in runs[:-1]]
+    assert all(len(set(ids)) > 3 for ids in outputs), outputs
+
+
 def test_audio_resampled_and_downmixed(demo_run, transformers_models):
     export_dir, _, runs = demo_run
     for case, result in runs:
         _check_case(export_dir, case, result, transformers_models)
 
 
-@pytest.mark.parametrize("run", ["nemo_run", "demo_run"])
+@pytest.mark.parametrize("run", ["nemo_run", "demo_run", "llama_run"])
 def test_audio_without_tag_is_refused(run, request):
     runs = request.getfixturevalue(run)[1]
     case, result = runs[-1]
