@@ -21,6 +21,7 @@ SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 DEFAULT_VLLM_ARGS = (("--chat-template-content-format", "string"),)
 
 _PRINT_COMMAND = "--print-command"
+_SKIP_CHECK = "--skip-check"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print the vLLM command and exit without starting it",
     )
+    parser.add_argument(
+        _SKIP_CHECK,
+        action="store_true",
+        help="start vLLM without running `speechlm-bridge check` on the export first",
+    )
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments passed to vLLM's server")
     parser.set_defaults(func=run)
 
@@ -49,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     vllm_args = list(args.vllm_args)
     # The option may come after EXPORT_DIR, where argparse leaves it to the remainder.
     print_only = args.print_command or _PRINT_COMMAND in vllm_args
-    vllm_args = [arg for arg in vllm_args if arg != _PRINT_COMMAND]
+    args.skip_check = args.skip_check or _SKIP_CHECK in vllm_args
+    vllm_args = [arg for arg in vllm_args if arg not in (_PRINT_COMMAND, _SKIP_CHECK)]
     command = server_command(args.export_dir, vllm_args)
     print(shlex.join(command), file=sys.stderr if not print_only else sys.stdout, flush=True)
     if print_only:
@@ -59,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
             "vLLM is not installed in this environment; install the extra with "
             "pip install 'speechlm-bridge[vllm]' (see the README for the CPU build)"
         )
+    if not args.skip_check:
+        _require_clean_check(args.export_dir)
     env = dict(os.environ)
     # The export is self-contained, so nothing is fetched from the hub.
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,3 +101,18 @@ def server_command(export_dir: str | Path, vllm_args: list[str]) -> list[str]:
         if not any(arg == option or arg.startswith(option + "=") for arg in vllm_args):
             command += [option, value]
     return command + vllm_args
+
+
+def _require_clean_check(export_dir: str) -> None:
+    """Raise when `speechlm-bridge check` finds an error, before vLLM spends a minute starting."""
+    from speechlm_bridge.check import check_export
+
+    report = check_export(export_dir)
+    if report.ok:
+        return
+    first = report.errors[0]
+    raise SpeechLMBridgeError(
+        f"{export_dir} has {len(report.errors)} error(s) by `speechlm-bridge check`, the first: "
+        f"{first.message} ({first.file or export_dir}, {first.key or 'no key'}); fix: {first.fix}. Run "
+        f"`speechlm-bridge check {export_dir}` for every finding, or pass --skip-check to start anyway."
+    )

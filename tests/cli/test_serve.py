@@ -54,3 +54,30 @@ def test_missing_vllm_names_the_extra(export_dir, capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
     assert main(["serve", str(export_dir)]) == 1
     assert "pip install 'speechlm-bridge[vllm]'" in capsys.readouterr().err
+
+
+def _pretend_vllm_installed(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+
+
+def test_broken_export_is_refused_before_vllm_starts(export_dir, capsys, monkeypatch):
+    _pretend_vllm_installed(monkeypatch)
+    monkeypatch.setattr("os.execve", lambda *a: pytest.fail("vLLM must not start for a broken export"))
+    assert main(["serve", str(export_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "error(s) by `speechlm-bridge check`" in err
+    assert "pass --skip-check to start anyway" in err
+
+
+def test_skip_check_starts_server_offline(export_dir, monkeypatch):
+    _pretend_vllm_installed(monkeypatch)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    started = {}
+    monkeypatch.setattr("os.execve", lambda path, command, env: started.update(command=command, env=env))
+    assert main(["serve", str(export_dir), "--skip-check", "--port", "9"]) == 0
+    assert started["command"][-2:] == ["--port", "9"]
+    assert "--skip-check" not in started["command"]
+    assert started["env"]["HF_HUB_OFFLINE"] == "1"
