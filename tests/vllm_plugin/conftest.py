@@ -37,11 +37,13 @@ def vllm_env() -> dict[str, str]:
     return env
 
 
-def run_vllm_requests(export_dir: Path, requests: list[dict], workdir: Path) -> list[dict]:
+def run_vllm_requests(
+    export_dir: Path, requests: list[dict], workdir: Path, *, hf_overrides: dict | None = None
+) -> list[dict]:
     """Run chat requests through one `vllm.LLM` engine in a subprocess; return its results."""
     spec = workdir / "requests.json"
     results = workdir / "results.json"
-    spec.write_text(json.dumps({"export": str(export_dir), "requests": requests}))
+    spec.write_text(json.dumps({"export": str(export_dir), "hf_overrides": hf_overrides, "requests": requests}))
     completed = subprocess.run(
         [sys.executable, str(RUNNER), str(spec), str(results)],
         env=vllm_env(),

@@ -2,7 +2,7 @@
 
 Usage: python run_vllm.py REQUESTS_JSON RESULTS_JSON
 
-REQUESTS_JSON: {"export": DIR, "requests": [{"messages": [...], "chat_template_kwargs": {...},
+REQUESTS_JSON: {"export": DIR, "hf_overrides": {...} or null, "requests": [{"messages": [...], "chat_template_kwargs": {...},
 "max_tokens": N}, ...]}. Each result has `prompt_token_ids`, `token_ids` and `logprobs` (of
 each generated token), or `error` when vLLM refused the request.
 """
@@ -19,7 +19,14 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     spec = json.loads(open(sys.argv[1], encoding="utf-8").read())
-    llm = LLM(model=spec["export"], dtype="float32", max_model_len=2048, limit_mm_per_prompt={"audio": 2}, seed=0)
+    llm = LLM(
+        model=spec["export"],
+        dtype="float32",
+        max_model_len=2048,
+        limit_mm_per_prompt={"audio": 2},
+        seed=0,
+        hf_overrides=spec.get("hf_overrides"),
+    )
     results = []
     for request in spec["requests"]:
         params = SamplingParams(max_tokens=request["max_tokens"], temperature=0.0, logprobs=0)

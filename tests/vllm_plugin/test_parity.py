@@ -97,7 +97,7 @@ def _resampling_cases(audio: bytes) -> list[dict]:
     ]
 
 
-def _run(export_dir: Path, cases: list[dict], workdir: Path) -> list[tuple[dict, dict]]:
+def _run(export_dir: Path, cases: list[dict], workdir: Path, **options) -> list[tuple[dict, dict]]:
     """Run `cases`, then a request vLLM must reject: an audio part without the tag in the text."""
     audio_part = cases[0]["messages"][-1]["content"][1]
     cases = cases + [{"name": "no tag", "messages": [_user_parts("Transcribe:", audio_part)]}]
@@ -105,7 +105,7 @@ def _run(export_dir: Path, cases: list[dict], workdir: Path) -> list[tuple[dict,
         {"messages": case["messages"], "chat_template_kwargs": case.get("chat_template_kwargs"), "max_tokens": MAX_TOKENS}
         for case in cases
     ]
-    results = run_vllm_requests(export_dir, requests, workdir)
+    results = run_vllm_requests(export_dir, requests, workdir, **options)
     return list(zip(cases, results))
 
 
@@ -139,7 +139,13 @@ def llama_run(tmp_path_factory):
     require_vllm()
     root = tmp_path_factory.mktemp("vllm-llama")
     export_dir = export_demo_model(root / "llama", seed=1, llama=True)
-    return export_dir, _run(export_dir, _demo_cases(_demo_audio_bytes())[:1], root)
+    samples, rate = decode_wav(_demo_audio_bytes())
+    # This server accepts 2 s of audio: the 1.5 s cut is served, the whole 2.56 s clip is not.
+    cases = _demo_cases(wav_bytes(samples[: rate * 3 // 2], rate))[:1]
+    cases.append({"name": "too long", "messages": [_user(f"Transcribe: {TAG}", _demo_audio_bytes())], "rejected": True})
+    runs = _run(export_dir, cases, root, hf_overrides={"max_audio_seconds": 2.0})
+    # The request without a tag stays last.
+    return export_dir, [run for run in runs if not run[0].get("rejected")], [run for run in runs if run[0].get("rejected")]
 
 
 @pytest.fixture(scope="module")
@@ -237,11 +243,18 @@ def test_demo_model_parity(demo_run, transformers_models):
 
 
 def test_llama_backbone_parity(llama_run, transformers_models):
-    export_dir, runs = llama_run
+    export_dir, runs, _ = llama_run
     config = json.loads((export_dir / "config.json").read_text())
     assert config["text_config"]["architectures"] == ["LlamaForCausalLM"]
     outputs = [_check_case(export_dir, case, result, transformers_models) for case, result in runs[:-1]]
     assert all(len(set(ids)) > 3 for ids in outputs), outputs
+
+
+def test_audio_over_limit_is_refused(llama_run):
+    _, _, runs = llama_run
+    case, result = runs[0]
+    assert "error" in result
+    assert "audio 0 is 2.6 s long, over this server's limit of 2.0 s" in result["error"]
 
 
 def test_audio_resampled_and_downmixed(demo_run, transformers_models):
