@@ -256,7 +256,9 @@ def _build_config(report: CheckReport, raw: dict[str, Any]) -> SpeechLMBridgeCon
     from speechlm_bridge.modeling.configuration import SpeechLMBridgeConfig
 
     try:
-        return SpeechLMBridgeConfig.from_dict(dict(raw))
+        # JSON has no Infinity: transformers writes it as {"__float__": "Infinity"} (NemotronH's
+        # time_step_limit) and decodes it when loading, so the check must too.
+        return SpeechLMBridgeConfig.from_dict(SpeechLMBridgeConfig._decode_special_floats(dict(raw)))
     except _config_build_errors() as err:
         logger.debug("building the config from %s failed", CONFIG_FILE, exc_info=True)
         report.add(

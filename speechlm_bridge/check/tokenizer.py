@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 PROCESSOR_CONFIG_FILE = "processor_config.json"
 PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
@@ -53,6 +54,17 @@ def check_tokenizer(
         _check_chat_template(report, tokenizer_config or {}, backbone)
     _check_processor_files(report, export_config.audio_locator_tag)
 
+    if not (report.export_dir / TOKENIZER_FILE).is_file():
+        # transformers then builds a tokenizer from tokenizer_config.json alone, with a handful of
+        # tokens, and every check on it would point at the wrong fix.
+        report.add(
+            "error",
+            "file-missing",
+            file=TOKENIZER_FILE,
+            message=f"{TOKENIZER_FILE} is missing, so loaders cannot build the backbone's tokenizer",
+            fix=_REEXPORT_FIX.replace("a portable tokenizer_config.json", "the tokenizer files"),
+        )
+        return None
     tokenizer = load_export_tokenizer(report)
     if tokenizer is not None:
         _check_audio_tag(report, tokenizer, export_config)

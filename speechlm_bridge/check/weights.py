@@ -103,6 +103,19 @@ def read_stored_tensors(report: CheckReport) -> tuple[dict[str, StoredTensor] | 
             return _read_single_file(report), set()
         return _read_sharded(report)
     if (directory / SINGLE_FILE).is_file():
+        # Without an index, vLLM loads every *.safetensors file of the directory.
+        for path in sorted(directory.glob("*.safetensors")):
+            if path.name != SINGLE_FILE:
+                report.add(
+                    "error",
+                    "weights-file-unreferenced",
+                    file=path.name,
+                    message=(
+                        f"{path.name} sits beside {SINGLE_FILE} with no {INDEX_FILE}; transformers "
+                        "reads only the single file, but vLLM loads every .safetensors file it finds"
+                    ),
+                    fix=f"delete {path.name}, or re-run the export if it belongs to the model",
+                )
         return _read_single_file(report), set()
 
     shards = sorted(path.name for path in directory.glob("*.safetensors") if _SHARD_PATTERN.match(path.name))
@@ -427,6 +440,10 @@ def _add_capped(report: CheckReport, code: str, names: list[str], *, file, messa
             code,
             file=file(rest[0]),
             key=None,
-            message=f"and {len(rest)} more tensor(s) like the above, from {rest[0]} to {rest[-1]}",
+            message=(
+                f"and {len(rest)} more tensor(s) like the above: {rest[0]}"
+                if len(rest) == 1
+                else f"and {len(rest)} more tensor(s) like the above, from {rest[0]} to {rest[-1]}"
+            ),
             fix=fix,
         )

@@ -9,13 +9,19 @@ Only the model entries are requested from the storage reader, so optimizer bytes
 `FileSystemReader.read_metadata` unpickles `.metadata` with the standard pickle module (torch
 2.13), so only read DCP directories you trust. Byte entries (pickled non-tensor values) are never
 requested, because DCP loads them with `torch.load(weights_only=False)`.
+
+`dcp_tensor_refs` returns lazy references built from `.metadata` alone; `read_dcp_dir` loads them all.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import pickle
+import struct
 import warnings
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -26,6 +32,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from tqdm.auto import tqdm
 
+from speechlm_bridge.checkpoints.lazy import SourceRef
 from speechlm_bridge.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -46,28 +53,36 @@ def is_dcp_dir(directory: Path) -> bool:
     return (directory / METADATA_FILE).is_file()
 
 
+def dcp_tensor_refs(directory: Path) -> dict[str, DcpTensor]:
+    """Return lazy references to the full model tensors of a DCP directory, from `.metadata` only.
+
+    Keys have the container prefix (`state_dict.` or `model.`) stripped. The storage files the
+    model entries live in are checked for presence and length now, so a missing or truncated
+    `.distcp` file fails before anything is written.
+    """
+    metadata, container, tensors_meta, bytes_by_fqn = _model_storage(directory)
+    # A checkpoint rewritten at the same path replaces what earlier reads cached.
+    _METADATA_CACHE[str(directory)] = metadata
+    _STORAGE_CACHE.pop(str(directory), None)
+    prefix = f"{container}."
+    return {
+        fqn.removeprefix(prefix): DcpTensor(
+            directory, fqn, tuple(entry.size), entry.properties.dtype, bytes_by_fqn.get(fqn, 0)
+        )
+        for fqn, entry in tensors_meta.items()
+    }
+
+
 def read_dcp_dir(directory: Path) -> dict[str, torch.Tensor]:
     """Load the full (unsharded) model tensors of a DCP directory, written by any number of ranks.
 
     Returns the model entries with the container prefix (`state_dict.` or `model.`) stripped.
     Works without a process group and without building the model.
     """
-    # 1. metadata and the entries that belong to the model
-    metadata = _read_metadata(directory)
-    container, tensors_meta = _select_model_entries(metadata, directory)
+    # 1. metadata, the entries that belong to the model, and their storage files
+    metadata, container, tensors_meta, bytes_by_fqn = _model_storage(directory)
 
-    # 2. check that every storage file the model entries live in is present and long enough
-    items = [
-        (index.fqn, info)
-        for index, info in (metadata.storage_data or {}).items()
-        if index.fqn in tensors_meta
-    ]
-    _check_storage_files(directory, (info for _, info in items))
-
-    # 3. load in batches, allocating each full tensor once
-    bytes_by_fqn: dict[str, int] = {}
-    for fqn, info in items:
-        bytes_by_fqn[fqn] = bytes_by_fqn.get(fqn, 0) + info.length
+    # 2. load in batches, allocating each full tensor once
     loaded: dict[str, torch.Tensor] = {}
     total = sum(bytes_by_fqn.values())
     with tqdm(total=total, desc="Reading DCP", unit="B", unit_scale=True, disable=None) as bar:
@@ -76,7 +91,7 @@ def read_dcp_dir(directory: Path) -> dict[str, torch.Tensor]:
                 fqn: torch.empty(tensors_meta[fqn].size, dtype=tensors_meta[fqn].properties.dtype)
                 for fqn in batch
             }
-            _load(targets, directory)
+            _load(targets, directory, metadata)
             loaded.update(targets)
             bar.update(sum(bytes_by_fqn.get(fqn, 0) for fqn in batch))
 
@@ -92,6 +107,198 @@ def read_dcp_dir(directory: Path) -> dict[str, torch.Tensor]:
     )
     prefix = f"{container}."
     return {fqn.removeprefix(prefix): tensor for fqn, tensor in loaded.items()}
+
+
+class DcpTensor(SourceRef):
+    """One full model tensor of a DCP directory, assembled from its per-rank chunks when loaded."""
+
+    def __init__(self, directory: Path, fqn: str, shape: tuple[int, ...], dtype: torch.dtype, stored_bytes: int) -> None:
+        self.directory = Path(directory)
+        self.fqn = fqn
+        self.shape = shape
+        self.dtype = dtype
+        self.stored_bytes = stored_bytes
+
+    def _load(self) -> torch.Tensor:
+        return self.load_many([self])[0]
+
+    def byte_ranges(self) -> list[tuple[Path, int, int]] | None:
+        """Return the file ranges of the tensor's bytes when its chunks split it along dim 0 only.
+
+        That is how FSDP2 shards parameters. Each chunk is a `torch.save` record inside a
+        `.distcp` file. Its raw storage is used when it is stored uncompressed, contains exactly the
+        chunk's elements, and its pickled view is contiguous from element 0 (checked on the meta
+        device, which reads no tensor bytes). Anything else returns None, and the tensor is loaded
+        through `dcp.load` instead.
+        """
+        if not self.shape:
+            return None
+        try:
+            return _chunk_byte_ranges(self)
+        except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            # The loading path reports a damaged file with the error that names it.
+            logger.debug("%s in %s is loaded through dcp.load: %s", self.fqn, self.directory, err)
+            return None
+
+    @classmethod
+    def load_many(cls, refs: list[DcpTensor]) -> list[torch.Tensor]:
+        """Load the tensors with one `dcp.load` call per directory, reusing its parsed `.metadata`."""
+        targets: dict[int, torch.Tensor] = {}
+        by_directory: dict[Path, list[DcpTensor]] = {}
+        for ref in refs:
+            by_directory.setdefault(ref.directory, []).append(ref)
+        for directory, group in by_directory.items():
+            batch = {ref.fqn: torch.empty(ref.shape, dtype=ref.dtype) for ref in group}
+            _load(batch, directory, _cached_metadata(directory))
+            for ref in group:
+                targets[id(ref)] = batch[ref.fqn]
+        return [targets[id(ref)] for ref in refs]
+
+
+def _chunk_byte_ranges(ref: DcpTensor) -> list[tuple[Path, int, int]] | None:
+    metadata = _cached_metadata(ref.directory)
+    storage = _storage_by_chunk(ref.directory, metadata)
+    chunks = sorted(metadata.state_dict_metadata[ref.fqn].chunks, key=lambda chunk: tuple(chunk.offsets))
+    itemsize = torch.empty((), dtype=ref.dtype).element_size()
+    row_bytes = itemsize
+    for size in ref.shape[1:]:
+        row_bytes *= size
+
+    ranges = []
+    rows = 0
+    for chunk in chunks:
+        offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+        if offsets[0] != rows or any(offsets[1:]) or sizes[1:] != tuple(ref.shape[1:]):
+            return None
+        rows += sizes[0]
+        if sizes[0] == 0:
+            continue
+        info = storage[(ref.fqn, offsets)]
+        if getattr(info, "transform_descriptors", None):
+            return None
+        path = ref.directory / info.relative_path
+        start = _storage_record_start(path, info.offset, info.length, dtype=ref.dtype, sizes=sizes, nbytes=sizes[0] * row_bytes)
+        if start is None:
+            return None
+        ranges.append((path, info.offset + start, sizes[0] * row_bytes))
+    return ranges if rows == ref.shape[0] else None
+
+
+def _storage_record_start(
+    path: Path, offset: int, length: int, *, dtype: torch.dtype, sizes: tuple[int, ...], nbytes: int
+) -> int | None:
+    """Return where the raw storage of a `torch.save` record starts, relative to the record."""
+    with open(path, "rb") as handle:
+        record = io.BufferedReader(_FileSlice(handle, offset, length), 64 * 1024)
+        with zipfile.ZipFile(record) as archive:
+            storages = [
+                info for info in archive.infolist() if "/data/" in info.filename and "/.data/" not in info.filename
+            ]
+            if len(storages) != 1 or storages[0].compress_type != zipfile.ZIP_STORED or storages[0].file_size != nbytes:
+                return None
+            header_offset = storages[0].header_offset
+        record.seek(0)
+        chunk = torch.load(record, map_location="meta", weights_only=True)
+        if not (
+            isinstance(chunk, torch.Tensor)
+            and chunk.dtype == dtype
+            and tuple(chunk.shape) == sizes
+            and chunk.is_contiguous()
+            and chunk.storage_offset() == 0
+        ):
+            return None
+        # A zip local file header is 30 bytes, then the file name and the extra field.
+        record.seek(header_offset)
+        header = record.read(30)
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        return header_offset + 30 + name_length + extra_length
+
+
+class _FileSlice(io.RawIOBase):
+    """A read-only, seekable window `[start, start + length)` of an open file."""
+
+    def __init__(self, handle: io.BufferedReader, start: int, length: int) -> None:
+        self.handle = handle
+        self.start = start
+        self.length = length
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = max(0, min(self.length, base + offset))
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self.length - self.position)
+        if count <= 0:
+            return 0
+        data = os.pread(self.handle.fileno(), count, self.start + self.position)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+def _storage_by_chunk(directory: Path, metadata: Metadata) -> dict[tuple[str, tuple[int, ...]], object]:
+    key = str(directory)
+    if key not in _STORAGE_CACHE:
+        _STORAGE_CACHE[key] = {
+            (index.fqn, tuple(index.offset or ())): info for index, info in (metadata.storage_data or {}).items()
+        }
+    return _STORAGE_CACHE[key]
+
+
+_STORAGE_CACHE: dict[str, dict] = {}
+
+# Parsed `.metadata` per directory, so that batches and worker processes unpickle it once.
+_METADATA_CACHE: dict[str, Metadata] = {}
+
+
+def _cached_metadata(directory: Path) -> Metadata:
+    key = str(directory)
+    if key not in _METADATA_CACHE:
+        _METADATA_CACHE[key] = _read_metadata(directory)
+    return _METADATA_CACHE[key]
+
+
+class _CachedMetadataReader(FileSystemReader):
+    """A FileSystemReader that returns metadata parsed earlier instead of unpickling `.metadata` again."""
+
+    def __init__(self, directory: Path, metadata: Metadata) -> None:
+        super().__init__(directory)
+        self._metadata = metadata
+
+    def read_metadata(self, *args: object, **kwargs: object) -> Metadata:
+        return self._metadata
+
+
+def _model_storage(
+    directory: Path,
+) -> tuple[Metadata, str, dict[str, TensorStorageMetadata], dict[str, int]]:
+    """Read `.metadata`, select the model's tensor entries, check their storage files.
+
+    Returns the metadata, the container name, the tensor entries and their stored bytes.
+    """
+    metadata = _read_metadata(directory)
+    container, tensors_meta = _select_model_entries(metadata, directory)
+    items = [
+        (index.fqn, info)
+        for index, info in (metadata.storage_data or {}).items()
+        if index.fqn in tensors_meta
+    ]
+    _check_storage_files(directory, (info for _, info in items))
+    bytes_by_fqn: dict[str, int] = {}
+    for fqn, info in items:
+        bytes_by_fqn[fqn] = bytes_by_fqn.get(fqn, 0) + info.length
+    return metadata, container, tensors_meta, bytes_by_fqn
 
 
 def _read_metadata(directory: Path) -> Metadata:
@@ -217,12 +424,12 @@ def _batches(
         yield batch
 
 
-def _load(targets: dict[str, torch.Tensor], directory: Path) -> None:
+def _load(targets: dict[str, torch.Tensor], directory: Path, metadata: Metadata) -> None:
     try:
         with warnings.catch_warnings():
             # Single-process loading is the intent here, so torch's notice about it is noise.
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(targets, storage_reader=FileSystemReader(directory), no_dist=True)
+            dcp.load(targets, storage_reader=_CachedMetadataReader(directory, metadata), no_dist=True)
     except (CheckpointException, OSError, RuntimeError, ValueError) as err:
         raise CheckpointError(
             f"Cannot load model tensors from the DCP checkpoint {directory} "

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from speechlm_bridge.checkpoints.lazy import TensorRef, is_lazy
 from speechlm_bridge.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,8 @@ def merge_lora(
 ) -> list[str]:
     """Merge each adapter into `weights[<module>.weight]` (and `.bias`) in place.
 
-    Returns the merged module names, sorted.
+    Returns the merged module names, sorted. When any input is a lazy `TensorRef`, the merged
+    weight is a `LoraMergedTensor` computed when it is loaded.
 
     Raises:
         CheckpointError: an adapter lacks A or B or its base weight, or the shapes or rank do not
@@ -139,19 +141,55 @@ def merge_lora(
         _check_shapes(adapter, base, settings)
 
         scale = settings.scale_for(adapter.module)
-        delta = b.float() @ a.float()
-        if adapter.embedding:
-            delta = delta.T
-        weights[base_key] = (base.float() + scale * delta).to(base.dtype)
-
+        weights[base_key] = _merged(base, b, a, scale=scale, transpose=adapter.embedding)
         if adapter.lora_b_bias is not None:
-            base_bias = weights[f"{adapter.module}.bias"]
-            merged_bias = base_bias.float() + scale * adapter.lora_b_bias.float()
-            weights[f"{adapter.module}.bias"] = merged_bias.to(base_bias.dtype)
+            bias_key = f"{adapter.module}.bias"
+            weights[bias_key] = _merged(weights[bias_key], adapter.lora_b_bias, None, scale=scale, transpose=False)
 
         logger.debug("Merged LoRA adapter %r into %s with scale %g", adapter.adapter, adapter.module, scale)
         merged.append(adapter.module)
     return sorted(merged)
+
+
+class LoraMergedTensor(TensorRef):
+    """`base + scale * (B @ A)` (or `base + scale * B` for a bias), computed in float32 when loaded."""
+
+    def __init__(
+        self, base: TensorRef | torch.Tensor, lora_b: TensorRef | torch.Tensor, lora_a: TensorRef | torch.Tensor | None,
+        *, scale: float, transpose: bool,
+    ) -> None:
+        self.base, self.lora_b, self.lora_a = base, lora_b, lora_a
+        self.scale = scale
+        self.transpose = transpose
+        self.shape = tuple(base.shape)
+        self.dtype = base.dtype
+
+    def load(self, cache: dict | None = None) -> torch.Tensor:
+        def value(part: TensorRef | torch.Tensor) -> torch.Tensor:
+            return part.load(cache) if is_lazy(part) else part
+
+        lora_a = None if self.lora_a is None else value(self.lora_a)
+        return _merge_values(value(self.base), value(self.lora_b), lora_a, scale=self.scale, transpose=self.transpose)
+
+    def leaves(self):
+        for part in (self.base, self.lora_b, self.lora_a):
+            if is_lazy(part):
+                yield from part.leaves()
+
+
+def _merged(base, lora_b, lora_a, *, scale: float, transpose: bool):
+    if any(is_lazy(part) for part in (base, lora_b, lora_a)):
+        return LoraMergedTensor(base, lora_b, lora_a, scale=scale, transpose=transpose)
+    return _merge_values(base, lora_b, lora_a, scale=scale, transpose=transpose)
+
+
+def _merge_values(
+    base: torch.Tensor, lora_b: torch.Tensor, lora_a: torch.Tensor | None, *, scale: float, transpose: bool
+) -> torch.Tensor:
+    delta = lora_b.float() if lora_a is None else lora_b.float() @ lora_a.float()
+    if transpose:
+        delta = delta.T
+    return (base.float() + scale * delta).to(base.dtype)
 
 
 def _check_complete(adapter: LoraAdapter, weights: dict[str, torch.Tensor]) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from speechlm_bridge.checkpoints.lazy import is_lazy, load_tensor, tensors_equal
 from speechlm_bridge.checkpoints.lora import LoraAdapter, LoraSettings, merge_lora
 from speechlm_bridge.errors import CheckpointError
 
@@ -254,14 +255,16 @@ def _resolve_tied_embeddings(llm: dict[str, torch.Tensor], embed_key: str = EMBE
         logger.info("No input embedding in the weights, so the tied %s becomes %s", LM_HEAD_KEY, embed_key)
         llm[embed_key] = llm.pop(LM_HEAD_KEY)
         return True
-    if embed.shape == head.shape and embed.dtype == head.dtype and torch.equal(embed, head):
+    if tuple(embed.shape) == tuple(head.shape) and embed.dtype == head.dtype and _equal(embed, head):
         del llm[LM_HEAD_KEY]
         return True
 
     # FSDP2 shards embed_tokens and lm_head separately, so they train apart. NeMo's to_hf.py then
     # keeps only embed_tokens, and keeping both preserves the trained head.
-    if embed.shape == head.shape:
-        detail = f"max |embed_tokens - lm_head| = {_max_abs_diff(embed, head):.4g}"
+    if tuple(embed.shape) == tuple(head.shape) and (not is_lazy(embed) or embed.nbytes <= _LAZY_DIFF_MAX_BYTES):
+        detail = f"max |embed_tokens - lm_head| = {_max_abs_diff(load_tensor(embed), load_tensor(head)):.4g}"
+    elif tuple(embed.shape) == tuple(head.shape):
+        detail = f"{embed.nbytes / 2**20:.0f} MiB each, too large to compute the maximum difference"
     else:
         detail = f"shapes {tuple(embed.shape)} and {tuple(head.shape)}"
     logger.warning(
@@ -272,6 +275,17 @@ def _resolve_tied_embeddings(llm: dict[str, torch.Tensor], embed_key: str = EMBE
         detail,
     )
     return False
+
+
+# The warning gives the maximum difference of two lazy tables only up to this size, because it
+# needs both in memory. Larger ones are compared without loading them (`tensors_equal`).
+_LAZY_DIFF_MAX_BYTES = 256 * 1024 * 1024
+
+
+def _equal(embed, head) -> bool:
+    if not is_lazy(embed) and not is_lazy(head):
+        return torch.equal(embed, head)
+    return tensors_equal(embed, head)
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor, rows_per_chunk: int = 4096) -> float:

@@ -22,13 +22,15 @@ from typing import Any
 
 import torch
 
-from speechlm_bridge.checkpoints.dcp import METADATA_FILE, is_dcp_dir, read_dcp_dir
+from speechlm_bridge.checkpoints.dcp import METADATA_FILE, dcp_tensor_refs, is_dcp_dir, read_dcp_dir
+from speechlm_bridge.checkpoints.lazy import SourceRef, TensorRef
 from speechlm_bridge.checkpoints.safetensors_files import (
     INDEX_FILE,
     SINGLE_FILE,
     read_safetensors_dir,
     read_safetensors_file,
     read_sharded_safetensors,
+    safetensors_file_refs,
 )
 from speechlm_bridge.checkpoints.torch_load import load_torch_file
 from speechlm_bridge.errors import CheckpointError
@@ -54,12 +56,15 @@ class LoadedCheckpoint:
     `format` is one of `FORMATS`. `config` is the NeMo model config when the checkpoint carries
     one: Lightning's `hyper_parameters["cfg"]` (the dict passed to SALM, without the perception
     preprocessor/encoder blocks) or the `config.json` of a NeMo directory (with them).
+    `state_dict` values are lazy `TensorRef`s when the checkpoint was read with `lazy=True`.
     """
 
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor | TensorRef]
     format: str
     config: dict[str, Any] | None
     path: Path
+    # The key of a torch file's top-level dict that contains the state dict (None: the file is one).
+    container: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -67,8 +72,12 @@ class LoadedCheckpoint:
         return sum(tensor.numel() * tensor.element_size() for tensor in self.state_dict.values())
 
 
-def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
+def read_checkpoint(path: str | Path, *, lazy: bool = False) -> LoadedCheckpoint:
     """Read the model weights (and the NeMo model config, if present) of a training checkpoint.
+
+    With `lazy`, only metadata is read (safetensors headers, the DCP `.metadata`, the pickle of
+    a memory-mapped torch file) and the state dict maps names to `TensorRef`s, whose values are
+    loaded when used. Missing and truncated shard files are reported in both modes.
 
     Optimizer states are never loaded: Lightning files are memory-mapped and their optimizer
     tensors never touched, and DCP optimizer entries are not requested from the storage reader.
@@ -82,12 +91,13 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
         raise CheckpointError(f"Checkpoint {path} not found. Expected {_EXPECTED}.")
 
     if path.is_dir():
-        loaded = _read_directory(path)
+        loaded = _read_directory(path, lazy)
     else:
-        loaded = _read_file(path)
+        loaded = _read_file(path, lazy)
 
     logger.info(
-        "Read %d tensors (%.1f MB) from %s checkpoint %s",
+        "%s %d tensors (%.1f MB) from %s checkpoint %s",
+        "Found" if lazy else "Read",
         len(loaded.state_dict),
         loaded.nbytes / 1e6,
         loaded.format,
@@ -96,15 +106,22 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     return loaded
 
 
-def _read_file(path: Path) -> LoadedCheckpoint:
+def _read_file(path: Path, lazy: bool) -> LoadedCheckpoint:
     if path.name == METADATA_FILE:
-        return _read_directory(path.parent)
+        return _read_directory(path.parent, lazy)
     if path.suffix == ".safetensors":
-        return LoadedCheckpoint(read_safetensors_file(path), "safetensors", None, path)
+        tensors = safetensors_file_refs(path) if lazy else read_safetensors_file(path)
+        return LoadedCheckpoint(tensors, "safetensors", None, path)
     if path.name == INDEX_FILE:
-        return LoadedCheckpoint(read_sharded_safetensors(path), "safetensors", None, path)
+        return LoadedCheckpoint(read_sharded_safetensors(path, lazy=lazy), "safetensors", None, path)
     if path.suffix in _TORCH_SUFFIXES:
-        return _read_torch_file(path)
+        loaded = _read_torch_file(path)
+        if lazy:
+            loaded.state_dict = {
+                name: TorchFileTensor(path, loaded.container, name, tensor)
+                for name, tensor in loaded.state_dict.items()
+            }
+        return loaded
     if path.suffix == ".nemo":
         raise CheckpointError(
             f"{path} is a NeMo `.nemo` archive, which SALM training does not write. Pass the "
@@ -123,25 +140,64 @@ def _read_torch_file(path: Path) -> LoadedCheckpoint:
 
     if "pytorch-lightning_version" in obj:
         state_dict = _tensor_entries(obj.get("state_dict"), path, "state_dict")
-        return LoadedCheckpoint(state_dict, "lightning", _lightning_config(obj, path), path)
+        config = _lightning_config(obj, path)
+        return LoadedCheckpoint(state_dict, "lightning", config, path, container="state_dict")
 
     for wrapper in ("state_dict", "model"):
         if isinstance(obj.get(wrapper), dict):
-            return LoadedCheckpoint(_tensor_entries(obj[wrapper], path, wrapper), "torch", None, path)
+            tensors = _tensor_entries(obj[wrapper], path, wrapper)
+            return LoadedCheckpoint(tensors, "torch", None, path, container=wrapper)
     return LoadedCheckpoint(_tensor_entries(obj, path, None), "torch", None, path)
 
 
-def _read_directory(path: Path) -> LoadedCheckpoint:
+class TorchFileTensor(SourceRef):
+    """One tensor of a memory-mapped torch file.
+
+    In the process that read the file it keeps the mapped tensor. Pickled into a worker process it
+    keeps only its location and maps the file again there, once per process.
+
+    NOTE: the pages of a memory-mapped file that the export has read count in the process's RSS
+    until the file is unmapped (the kernel can drop them, because they are clean page cache), so
+    peak RSS can reach the file size; DCP and safetensors inputs are read tensor by tensor.
+    """
+
+    def __init__(self, path: Path, container: str | None, name: str, tensor: torch.Tensor | None) -> None:
+        self.path = Path(path)
+        self.container = container
+        self.name = name
+        self.tensor = tensor
+        self.shape = tuple(tensor.shape)
+        self.dtype = tensor.dtype
+
+    def _load(self) -> torch.Tensor:
+        if self.tensor is not None:
+            return self.tensor
+        key = str(self.path)
+        if key not in _MAPPED_TORCH_FILES:
+            _MAPPED_TORCH_FILES[key] = load_torch_file(self.path)
+        obj = _MAPPED_TORCH_FILES[key]
+        return (obj[self.container] if self.container else obj)[self.name]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "tensor": None}
+
+
+# Torch files mapped again in a worker process, by path.
+_MAPPED_TORCH_FILES: dict[str, Any] = {}
+
+
+def _read_directory(path: Path, lazy: bool = False) -> LoadedCheckpoint:
     if is_dcp_dir(path):
-        return LoadedCheckpoint(read_dcp_dir(path), "dcp", _dcp_config(path), path)
+        tensors = dcp_tensor_refs(path) if lazy else read_dcp_dir(path)
+        return LoadedCheckpoint(tensors, "dcp", _dcp_config(path), path)
 
     config = _nemo_config(path)
     if config is not None:
         kind = "nemo-to-hf" if (path / "llm_backbone" / "config.json").is_file() else "nemo-save-pretrained"
-        return LoadedCheckpoint(read_safetensors_dir(path), kind, config, path)
+        return LoadedCheckpoint(read_safetensors_dir(path, lazy=lazy), kind, config, path)
 
     if (path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file():
-        return LoadedCheckpoint(read_safetensors_dir(path), "safetensors", None, path)
+        return LoadedCheckpoint(read_safetensors_dir(path, lazy=lazy), "safetensors", None, path)
 
     raise CheckpointError(_unknown_directory_message(path))
 

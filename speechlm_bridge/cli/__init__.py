@@ -29,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="speechlm-bridge",
         description=(
-            "Render speech-LLM training samples from the backbone's own chat template, and export "
-            "training checkpoints to self-contained Hugging Face directories."
+            "Render speech-LLM training samples from the backbone's own chat template, export "
+            "training checkpoints to self-contained Hugging Face directories, check exports, and "
+            "serve them with vLLM."
         ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")

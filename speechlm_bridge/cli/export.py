@@ -49,6 +49,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="largest safetensors shard, at least 1MB, e.g. 5GB, 500MB or 2GiB (default: 5GB)",
     )
     parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help=(
+            "processes that write safetensors shards in parallel, each writing whole files; under "
+            "torchrun this many per rank (default: 1)"
+        ),
+    )
+    parser.add_argument(
+        "--skip-check",
+        action="store_true",
+        help=(
+            "move the export into place even when `speechlm-bridge check` finds errors in it "
+            "(by default those stop the export and nothing is written)"
+        ),
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="hide the per-shard progress bars (shown when stderr is a terminal)"
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help=(
@@ -71,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
+        workers=args.workers,
+        # None: bars only when stderr is a terminal.
+        progress=False if args.quiet else None,
+        check=not args.skip_check,
     )
     print(
         f"exported {result.checkpoint_format} checkpoint to {result.output_dir}: {result.tensors} tensors, "
@@ -91,3 +115,13 @@ def _shard_size(value: str) -> int:
         return parse_shard_size(value)
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {value!r}; give a positive integer")
+    return number

@@ -144,9 +144,10 @@ def run(args: argparse.Namespace) -> int:
             '{"messages": [...], "kwargs": {...}})'
         )
     if failed:
+        where = "the error lines of the JSON output" if args.json else "the errors above"
         print(
-            f"error: {failed} of {total} dialog(s) could not be encoded exactly; see the "
-            "errors above (by dialog_index, the 0-based line number in the file)",
+            f"error: {failed} of {total} dialog(s) could not be encoded exactly; see {where} "
+            "(by dialog_index, the 0-based line number in the file)",
             file=sys.stderr,
         )
         return 1

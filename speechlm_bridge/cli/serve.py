@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from speechlm_bridge.errors import ConfigError, SpeechLMBridgeError
@@ -19,6 +20,11 @@ SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 # Training joined content parts to text before rendering, so vLLM must pass the template string
 # content too, whatever its template detection decides.
 DEFAULT_VLLM_ARGS = (("--chat-template-content-format", "string"),)
+
+# The export is self-contained, so nothing is fetched from the hub. On CPU, vLLM otherwise sizes
+# its KV cache from 92% of the machine's memory and stops at start when less is free. 1 GiB stores
+# thousands of tokens of a small model; GPU builds of vLLM ignore this variable.
+DEFAULT_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 _PRINT_COMMAND = "--print-command"
 _SKIP_CHECK = "--skip-check"
@@ -58,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
     args.skip_check = args.skip_check or _SKIP_CHECK in vllm_args
     vllm_args = [arg for arg in vllm_args if arg not in (_PRINT_COMMAND, _SKIP_CHECK)]
     command = server_command(args.export_dir, vllm_args)
-    print(shlex.join(command), file=sys.stderr if not print_only else sys.stdout, flush=True)
+    env = server_env(os.environ)
     if print_only:
+        print(_env_prefix(env) + shlex.join(command), flush=True)
         return 0
     if importlib.util.find_spec("vllm") is None:
         raise SpeechLMBridgeError(
@@ -68,11 +75,17 @@ def run(args: argparse.Namespace) -> int:
         )
     if not args.skip_check:
         _require_clean_check(args.export_dir)
-    env = dict(os.environ)
-    # The export is self-contained, so nothing is fetched from the hub.
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    print(_env_prefix(env) + shlex.join(command), file=sys.stderr, flush=True)
     os.execve(command[0], command, env)
     return 0  # not reached
+
+
+def server_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Return `environ` with the defaults `serve` adds (user settings win)."""
+    env = dict(environ)
+    for name, value in DEFAULT_ENV.items():
+        env.setdefault(name, value)
+    return env
 
 
 def server_command(export_dir: str | Path, vllm_args: list[str]) -> list[str]:
@@ -116,3 +129,7 @@ def _require_clean_check(export_dir: str) -> None:
         f"{first.message} ({first.file or export_dir}, {first.key or 'no key'}); fix: {first.fix}. Run "
         f"`speechlm-bridge check {export_dir}` for every finding, or pass --skip-check to start anyway."
     )
+
+
+def _env_prefix(env: Mapping[str, str]) -> str:
+    return "".join(f"{name}={shlex.quote(env[name])} " for name in DEFAULT_ENV)

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from transformers import ParakeetEncoder, ParakeetEncoderConfig
 
+from speechlm_bridge.checkpoints.lazy import load_tensor
 from speechlm_bridge.errors import CheckpointError, ConfigError
 from speechlm_bridge.modeling.feature_extraction import (
     FILTER_DTYPES,
@@ -249,7 +250,7 @@ def feature_extractor_config_from_nemo(
         if key not in buffers:
             logger.warning("%s is not in the checkpoint; assuming %s=float32", key, field)
             continue
-        kwargs[field] = _buffer_dtype(buffers[key], references[key], key=f"perception.{key}")
+        kwargs[field] = _buffer_dtype(load_tensor(buffers[key]), references[key], key=f"perception.{key}")
     return kwargs
 
 
@@ -366,7 +367,8 @@ def convert_perception_state_dict(
     ``state_dict`` has NeMo names without the ``perception.`` prefix. ``encoder_cfg`` and
     ``adapter_cfg`` are NeMo's ``perception.encoder`` and ``perception.modality_adapter``.
     ``projector_cfg`` is the output of :func:`projector_config_from_nemo`; without it the projector
-    shape is taken from ``proj.weight``. Tensors keep their dtype and are not copied.
+    shape is taken from ``proj.weight``. Tensors keep their dtype and are not copied. Values may be
+    lazy ``TensorRef``s: only the featurizer buffers and shared position biases are loaded.
 
     The featurizer buffers are consumed: with ``feature_extractor_kwargs`` they must match what that
     feature extractor computes, else a ``CheckpointError`` is raised. Batch-norm
@@ -392,7 +394,7 @@ def convert_perception_state_dict(
             continue
         for target in rule.targets(match):
             if target in converted and rule.broadcast_layers:
-                if torch.equal(converted[target], tensor):
+                if converted[target] is tensor or torch.equal(load_tensor(converted[target]), load_tensor(tensor)):
                     continue
                 raise CheckpointError(
                     f"perception.{key} and perception.{sources[target]} differ, but untie_biases is false, "
@@ -590,7 +592,7 @@ def _check_featurizer_buffers(state_dict: Mapping[str, torch.Tensor], kwargs: Ma
     for key, field in zip(FEATURIZER_BUFFER_KEYS, ("mel_filters_dtype", "window_dtype")):
         if key not in state_dict:
             continue
-        actual = state_dict[key].detach().to(torch.float32)
+        actual = load_tensor(state_dict[key]).detach().to(torch.float32)
         if actual.shape != references[key].shape or not _close_after_rounding(
             references[key], actual, FILTER_DTYPES[kwargs[field]], key=f"perception.{key}"
         ):

@@ -1,14 +1,20 @@
 """`export`: one training checkpoint in, one self-contained Hugging Face directory out.
 
 Steps, each logged:
-  1. read the checkpoint's model weights (no NeMo, no model construction);
+  1. read the checkpoint's metadata: names, shapes and dtypes of the model weights (no NeMo, no
+     model construction, no tensor values);
   2. find the model config (the experiment YAML, else the one the checkpoint embeds) and resolve
      the backbone and ASR locations to local paths;
   3. split the NeMo layout into LM and perception weights (LoRA merged, tying decided);
   4. convert perception to the Parakeet encoder, adapter and projector;
-  5. stage the directory: tokenizer, weights, config.json, generation, feature extractor and
-     processor configs; audit names and shapes against the model the config describes;
+  5. stage the directory: tokenizer, config.json, generation, feature extractor and processor
+     configs. Audit names and shapes against the model the config describes. Plan the shards and
+     stream the weights into them, each tensor copied, or loaded, cast, written and freed;
   6. rename the staged directory into place.
+
+Weights are lazy until step 5 writes them, so memory stays near the largest tensor (see
+`safetensors_writer`). With `workers` > 1, or under torchrun, shards are written in parallel
+(see `parallel`); the output is byte-identical either way.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 import torch
 
 from speechlm_bridge.backbones import apply_legacy_renames, backbone_family_for, read_backbone_config
-from speechlm_bridge.errors import ConfigError
+from speechlm_bridge.errors import ConfigError, SpeechLMBridgeError
 from speechlm_bridge.export.experiment import (
     TOKENIZER_FILES,
     ModelConfig,
@@ -38,6 +44,8 @@ from speechlm_bridge.export.support_files import (
     write_model_config,
     write_processor_configs,
 )
+from speechlm_bridge.export.parallel import ExportGroup, write_shards
+from speechlm_bridge.export.safetensors_writer import plan_shards, write_index
 from speechlm_bridge.export.tokenizer import check_json_file, export_tokenizer
 from speechlm_bridge.export.weights import (
     DTYPES,
@@ -45,7 +53,6 @@ from speechlm_bridge.export.weights import (
     cast_floating,
     dominant_dtype,
     language_model_state_dict,
-    write_safetensors_shards,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,11 +86,59 @@ def export_checkpoint(
     dtype: str = "auto",
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
+    workers: int = 1,
+    progress: bool | None = None,
+    check: bool = True,
 ) -> ExportResult:
     """Export a NeMo SALM training checkpoint to a Hugging Face directory at `output`.
 
     `dtype` is `auto` (keep the checkpoint's dtype) or one of `float32`, `bfloat16`, `float16`.
+    `workers` processes write the safetensors shards. `progress` shows a bar per shard on stderr:
+    True or False, or None for only when stderr is a terminal (so not in tests or CI logs).
+    With `check`, the staged directory must pass `speechlm_bridge.check.check_export` before it
+    is moved into place; an error there raises ExportCheckError and leaves no output.
+
+    Under torchrun (`WORLD_SIZE` > 1), every rank calls this with the same arguments: rank 0
+    plans and writes the configs, each rank writes its share of the shards into a staging
+    directory next to `output` (so `output` must be on a filesystem all ranks share), and rank
+    0 renames it into place. Every rank returns the same result.
     """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"--workers must be a positive integer, got {workers!r}")
+    group = ExportGroup.from_env()
+    try:
+        if group is not None and group.rank != 0:
+            return _write_follower_shards(group, workers=workers, progress=progress)
+        return _export(
+            checkpoint, output=output, config=config, backbone=backbone, asr=asr, dtype=dtype,
+            max_shard_size=max_shard_size, overwrite=overwrite, workers=workers, progress=progress, group=group,
+            check=check,
+        )
+    except BaseException as err:
+        if group is not None and group.rank == 0 and not group.shared:
+            # The other ranks wait for the plan; tell them it will not come.
+            group.share({"error": f"{type(err).__name__}: {err}"})
+        raise
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _export(
+    checkpoint: str | Path,
+    *,
+    output: str | Path,
+    config: str | Path | None,
+    backbone: str | Path | None,
+    asr: str | Path | None,
+    dtype: str,
+    max_shard_size: str | int,
+    overwrite: bool,
+    workers: int,
+    progress: bool | None,
+    group: ExportGroup | None,
+    check: bool,
+) -> ExportResult:
     from speechlm_bridge.checkpoints import read_checkpoint, split_salm_state_dict
 
     started = time.monotonic()
@@ -99,9 +154,9 @@ def export_checkpoint(
     max_shard_size = parse_shard_size(max_shard_size)
     notes: list[str] = []
 
-    # 1. Weights.
+    # 1. Weights: metadata only, values stay on disk until step 5 writes them.
     logger.info("step 1/6: reading checkpoint %s", checkpoint)
-    loaded = read_checkpoint(Path(checkpoint))
+    loaded = read_checkpoint(Path(checkpoint), lazy=True)
 
     # 2. Model config and local paths.
     logger.info("step 2/6: resolving the model config and local paths")
@@ -182,25 +237,108 @@ def export_checkpoint(
             dtype=dtype_name,
         )
         _audit(state_dict, model_config_obj)
-        shards = write_safetensors_shards(state_dict, staging, max_shard_size=max_shard_size)
         write_generation_config(staging, tokenizer=tokenizer_export.tokenizer, backbone_dir=backbone_dir)
         write_processor_configs(staging, perception=perception, audio_locator_tag=audio_locator_tag)
+
+        shards = plan_shards(state_dict, max_shard_size=max_shard_size)
+        result = ExportResult(
+            output_dir=output,
+            checkpoint_format=loaded.format,
+            tensors=len(state_dict),
+            parameters=sum(t.numel() for t in state_dict.values()),
+            shards=len(shards),
+            dtype=dtype_name,
+            tie_word_embeddings=salm.tie_word_embeddings,
+            audio_token_id=tokenizer_export.audio_token_id,
+            backbone_family=family.name,
+            notes=notes,
+        )
+        _write_weights(shards, staging, group=group, result=result, workers=workers, progress=progress)
+        if check:
+            _check_staged(staging, result)
         logger.info("step 6/6: moving the export into place at %s", output)
 
-    parameters = sum(t.numel() for t in state_dict.values())
-    logger.info("export finished in %.1f s: %d tensors, %d parameters", time.monotonic() - started, len(state_dict), parameters)
-    return ExportResult(
-        output_dir=output,
-        checkpoint_format=loaded.format,
-        tensors=len(state_dict),
-        parameters=parameters,
-        shards=shards,
-        dtype=dtype_name,
-        tie_word_embeddings=salm.tie_word_embeddings,
-        audio_token_id=tokenizer_export.audio_token_id,
-        backbone_family=family.name,
-        notes=notes,
+    logger.info(
+        "export finished in %.1f s: %d tensors, %d parameters",
+        time.monotonic() - started, result.tensors, result.parameters,
     )
+    return result
+
+
+class ExportCheckError(SpeechLMBridgeError):
+    """The staged export failed `speechlm-bridge check`; nothing was written to the output."""
+
+
+def _check_staged(staging: Path, result: ExportResult) -> None:
+    """Run `check` on the staged directory: warnings become notes, errors stop the export."""
+    from speechlm_bridge.check import check_export
+
+    logger.info("step 5/6: checking the staged directory as `speechlm-bridge check` does")
+    report = check_export(staging)
+    for finding in report.warnings:
+        logger.warning("check: %s (%s)", finding.message, finding.file or "export")
+        result.notes.append(f"check warning {finding.code}: {finding.message}")
+    if report.ok:
+        return
+    lines = [f"{f.code} in {f.file or 'the export'}: {f.message}" for f in report.errors[:5]]
+    more = f" (and {len(report.errors) - 5} more)" if len(report.errors) > 5 else ""
+    raise ExportCheckError(
+        f"the converted directory fails `speechlm-bridge check` with {len(report.errors)} error(s){more}: "
+        + "; ".join(lines)
+        + ". Nothing was written to the output. The inputs convert into an export that transformers "
+        "or vLLM would reject or run wrongly; fix them as the findings say, or report the case as a "
+        "bug (--skip-check writes the export anyway, to inspect it)."
+    )
+
+
+def _write_weights(
+    shards: list, staging: Path, *, group: ExportGroup | None, result: ExportResult, workers: int, progress: bool | None
+) -> None:
+    """Write the planned shards (this rank's share under torchrun) and then the index."""
+    total = sum(shard.nbytes for shard in shards)
+    logger.info(
+        "writing %.1f MB of weights as %d safetensors file(s) with %d worker(s)%s",
+        total / 1e6, len(shards), workers, f" on each of {group.world_size} ranks" if group else "",
+    )
+    if group is None:
+        write_shards(shards, staging, indices=list(range(len(shards))), workers=workers, progress=progress)
+    else:
+        group.share({"staging": str(staging), "shards": shards, "result": result})
+        error = _try_write(shards, staging, group, workers=workers, progress=progress)
+        failures = group.gather_errors(error)
+        if failures:
+            raise SpeechLMBridgeError("writing the safetensors shards failed on " + "; ".join(failures))
+    write_index(shards, staging)
+
+
+def _write_follower_shards(group: ExportGroup, *, workers: int, progress: bool | None) -> ExportResult:
+    """Rank r > 0 of a torchrun export: wait for rank 0's plan, write this rank's shards, report."""
+    message = group.share(None)
+    if "error" in message:
+        raise SpeechLMBridgeError(f"rank 0 failed before the shards were planned ({message['error']})")
+    staging = Path(message["staging"])
+    error = None
+    if not staging.is_dir():
+        error = (
+            f"the staging directory {staging} that rank 0 created does not exist on rank {group.rank}; "
+            "--output must be on a filesystem that every rank shares"
+        )
+    else:
+        error = _try_write(message["shards"], staging, group, workers=workers, progress=progress)
+    failures = group.gather_errors(error)
+    if failures:
+        raise SpeechLMBridgeError("writing the safetensors shards failed on " + "; ".join(failures))
+    return message["result"]
+
+
+def _try_write(shards: list, staging: Path, group: ExportGroup, *, workers: int, progress: bool | None) -> str | None:
+    # Every rank must reach the gather that follows, so a failure is returned, not raised.
+    try:
+        write_shards(shards, staging, indices=group.indices(len(shards)), workers=workers, progress=progress)
+    except Exception as err:  # noqa: BLE001 (reported to rank 0, which raises it)
+        logger.error("rank %d failed writing shards: %s", group.rank, err)
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def _model_config(config: str | Path | None, loaded: Any) -> ModelConfig:

@@ -1,4 +1,8 @@
-"""Assemble the exported state_dict under the model's names and write it as safetensors shards."""
+"""Assemble the exported state_dict under the model's names and write it as safetensors shards.
+
+Values may be tensors or lazy `TensorRef`s; padding and casting of lazy values are deferred to
+the moment the writer loads them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 import torch
 
 from speechlm_bridge.backbones import BackboneFamily
+from speechlm_bridge.checkpoints.lazy import CastTensor, TensorRef, as_ref, is_lazy, padded_rows
 from speechlm_bridge.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -56,8 +61,7 @@ def language_model_state_dict(
         )
         for key in (family.input_embeddings_key, "lm_head.weight"):
             if key in llm:
-                pad = llm[key].new_zeros((rows_needed - llm[key].shape[0], *llm[key].shape[1:]))
-                llm[key] = torch.cat([llm[key], pad], dim=0)
+                llm[key] = padded_rows(llm[key], rows_needed)
     text_config["vocab_size"] = llm[family.input_embeddings_key].shape[0]
     return {LANGUAGE_MODEL_PREFIX + key: tensor for key, tensor in llm.items()}
 
@@ -84,12 +88,19 @@ def _check_backbone_matches(
 
 
 def cast_floating(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Cast floating-point tensors to `dtype` (None keeps each tensor's dtype); others are untouched."""
+    """Cast floating-point tensors to `dtype` (None keeps each tensor's dtype); others are untouched.
+
+    Lazy values become `CastTensor`s, cast when the writer loads them.
+    """
     if dtype is None:
         return state_dict
-    return {
-        key: tensor.to(dtype) if tensor.is_floating_point() else tensor for key, tensor in state_dict.items()
-    }
+    return {key: _cast(tensor, dtype) for key, tensor in state_dict.items()}
+
+
+def _cast(value: torch.Tensor | TensorRef, dtype: torch.dtype) -> torch.Tensor | TensorRef:
+    if not value.is_floating_point() or value.dtype == dtype:
+        return value
+    return CastTensor(value, dtype) if is_lazy(value) else value.to(dtype)
 
 
 def dominant_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
@@ -140,22 +151,29 @@ def _tied_keys(model: torch.nn.Module) -> set[str]:
     return tied
 
 
-def write_safetensors_shards(state_dict: dict[str, torch.Tensor], directory: Path, *, max_shard_size: str | int) -> int:
+def write_safetensors_shards(
+    state_dict: dict[str, torch.Tensor | TensorRef],
+    directory: Path,
+    *,
+    max_shard_size: str | int,
+    workers: int = 1,
+    progress: bool | None = False,
+) -> int:
     """Write `model-XXXXX-of-YYYYY.safetensors` (+ index) or a single `model.safetensors`.
 
-    Returns the number of shard files.
+    The files equal what `huggingface_hub.save_torch_state_dict` writes for the same tensors,
+    except that tensors sharing storage are each written in full. Returns the number of shard files.
     """
-    from huggingface_hub import save_torch_state_dict
+    from speechlm_bridge.export.parallel import write_shards
+    from speechlm_bridge.export.safetensors_writer import plan_shards, write_index
+    from speechlm_bridge.export.shard_size import parse_shard_size
 
-    contiguous = {key: tensor.contiguous() for key, tensor in state_dict.items()}
-    total_bytes = sum(tensor.numel() * tensor.element_size() for tensor in contiguous.values())
-    logger.info("writing %.1f MB of weights as safetensors (max shard size %s)", total_bytes / 1e6, max_shard_size)
-    save_torch_state_dict(
-        contiguous,
-        directory,
-        filename_pattern="model{suffix}.safetensors",
-        max_shard_size=max_shard_size,
-        metadata={"format": "pt"},
-        safe_serialization=True,
+    shards = plan_shards({key: as_ref(value) for key, value in state_dict.items()}, max_shard_size=parse_shard_size(max_shard_size))
+    total_bytes = sum(shard.nbytes for shard in shards)
+    logger.info(
+        "writing %.1f MB of weights as %d safetensors file(s) (max shard size %s)",
+        total_bytes / 1e6, len(shards), max_shard_size,
     )
-    return len(list(directory.glob("model*.safetensors")))
+    write_shards(shards, directory, indices=list(range(len(shards))), workers=workers, progress=progress)
+    write_index(shards, directory)
+    return len(shards)

@@ -292,3 +292,17 @@ def test_tokenizer_jinja_not_utf8(demo, tmp_path, run_check):
 
     assert ("chat_template.jinja", None) in findings(report, "file-unreadable")
     assert exit_status == 1
+
+
+def test_tokenizer_json_missing_is_one_clear_error(demo, tmp_path, run_check):
+    # Without tokenizer.json transformers builds a tiny tokenizer from tokenizer_config.json, and
+    # the checks on it would suggest harmful fixes (another audio_token_id, another eos id).
+    export_dir = broken_copy(demo.export_dir, tmp_path)
+    (export_dir / "tokenizer.json").unlink()
+
+    exit_status, report = run_check(export_dir)
+
+    assert findings(report, "file-missing") == [("tokenizer.json", None)]
+    assert "audio-token-id-mismatch" not in problem_codes(report)
+    assert "generation-eos-missing-end-of-turn" not in problem_codes(report)
+    assert exit_status == 1

@@ -257,6 +257,18 @@ def test_weights_file_unreferenced(exports, tmp_path, run_check):
     assert status == 0
 
 
+def test_weights_stray_file_beside_single_file(exports, tmp_path, run_check):
+    # With no index, vLLM loads every .safetensors file, so a stray copy would be loaded too.
+    export_dir = broken_copy(exports["single"].export_dir, tmp_path)
+    shutil.copy(export_dir / "model.safetensors", export_dir / "model-old.safetensors")
+
+    status, report = run_check(export_dir)
+
+    assert findings(report, "weights-file-unreferenced") == [("model-old.safetensors", None)]
+    assert problem_codes(report) == {"weights-file-unreferenced"}
+    assert status == 1
+
+
 def test_weights_layout_ambiguous(exports, tmp_path, run_check):
     export_dir = broken_copy(exports["sharded"].export_dir, tmp_path)
     shutil.copy(exports["single"].export_dir / "model.safetensors", export_dir / "model.safetensors")

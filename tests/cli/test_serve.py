@@ -19,16 +19,21 @@ def export_dir(tmp_path):
     return directory
 
 
-def test_print_command_adds_content_format_and_passes_args(export_dir, capsys):
+def test_print_command_adds_content_format_and_passes_args(export_dir, capsys, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     assert main(["serve", str(export_dir), "--port", "8001", "--print-command"]) == 0
     command = capsys.readouterr().out.split()
-    assert command[:5] == [sys.executable, "-m", SERVER_MODULE, "--model", str(export_dir)]
-    assert command[5:] == ["--chat-template-content-format", "string", "--port", "8001"]
+    assert command[:2] == ["HF_HUB_OFFLINE=1", "VLLM_CPU_KVCACHE_SPACE=1"]
+    assert command[2:7] == [sys.executable, "-m", SERVER_MODULE, "--model", str(export_dir)]
+    assert command[7:] == ["--chat-template-content-format", "string", "--port", "8001"]
 
 
-def test_user_content_format_wins(export_dir, capsys):
+def test_user_settings_win(export_dir, capsys, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "8")
     assert main(["serve", "--print-command", str(export_dir), "--chat-template-content-format=openai"]) == 0
-    assert capsys.readouterr().out.split()[5:] == ["--chat-template-content-format=openai"]
+    command = capsys.readouterr().out.split()
+    assert command[1] == "VLLM_CPU_KVCACHE_SPACE=8"
+    assert command[7:] == ["--chat-template-content-format=openai"]
 
 
 def test_directory_without_config_is_refused(tmp_path, capsys):
@@ -70,6 +75,7 @@ def test_broken_export_is_refused_before_vllm_starts(export_dir, capsys, monkeyp
     err = capsys.readouterr().err
     assert "error(s) by `speechlm-bridge check`" in err
     assert "pass --skip-check to start anyway" in err
+    assert SERVER_MODULE not in err
 
 
 def test_skip_check_starts_server_offline(export_dir, monkeypatch):
@@ -81,3 +87,4 @@ def test_skip_check_starts_server_offline(export_dir, monkeypatch):
     assert started["command"][-2:] == ["--port", "9"]
     assert "--skip-check" not in started["command"]
     assert started["env"]["HF_HUB_OFFLINE"] == "1"
+    assert "VLLM_CPU_KVCACHE_SPACE" in started["env"]

@@ -48,12 +48,16 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-server")
     export_dir = export_demo_model(root / "demo")
     port = _free_port()
+    env = vllm_env()
+    # `serve` sets vLLM's CPU KV cache size itself; without that, vLLM stops at start on a machine
+    # with less free memory than it wants.
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     log = (root / "server.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "speechlm_bridge.cli", "serve", str(export_dir),
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
          "--served-model-name", "demo"],
-        env=vllm_env(), stdout=log, stderr=subprocess.STDOUT,
+        env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ENGINE_TIMEOUT_SECONDS
