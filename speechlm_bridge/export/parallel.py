@@ -4,6 +4,11 @@ Each worker or rank writes whole shard files, so the output is byte-identical wh
 number of processes. Under torchrun (`WORLD_SIZE` > 1 in the environment) rank r writes the
 shards whose index modulo the world size is r into a staging directory on a filesystem all ranks
 share; rank 0 plans, writes everything else and renames the directory into place.
+
+NOTE: the plan reaches worker processes and ranks as a pickle (multiprocessing arguments,
+`broadcast_object_list`). Nothing pickled is written to disk or read from outside the export's
+own processes, but a rank trusts what rank 0 sends. Rebuilding the plan on each rank from the
+checkpoint's metadata would avoid it.
 """
 
 from __future__ import annotations

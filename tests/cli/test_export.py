@@ -155,29 +155,53 @@ def test_missing_pretrained_llm_key(workspace, capsys):
     )
 
 
-def test_sigterm_cleans_staging(workspace):
+def _start_export_and_wait_for_shard(workspace):
+    """Start an export in a subprocess and return it once a weight file is being staged."""
     import os
-    import signal
     import time
 
     process = subprocess.Popen(
         [sys.executable, "-m", "speechlm_bridge.cli", "export", "lightning/step=2.ckpt", "--config",
-         "exp_config.yaml", "--output", "out"],
+         "exp_config.yaml", "--output", "out", "--max-shard-size", "1MB"],
         cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    # Wait until the export stages its directory, then terminate it.
+    # The staged weights are followed by `check`, which takes seconds, so the signal lands before
+    # the rename.
     deadline = time.monotonic() + 120
-    while not list(workspace.glob(".out.partial-*")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while not list(workspace.glob(".out.partial-*/*.safetensors")) and process.poll() is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the export staged no weight file within 120 s")
+        time.sleep(0.01)
+    assert process.poll() is None, "the export finished before a weight file was seen"
+    return process
+
+
+def test_sigterm_cleans_staging(workspace):
+    import signal
+
+    process = _start_export_and_wait_for_shard(workspace)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
-    if process.returncode == 0:
-        pytest.skip("the export finished before SIGTERM arrived")
+
     assert process.returncode == 143, err[-2000:]
     assert "terminated" in err
     assert not (workspace / "out").exists()
     assert _leftovers(workspace) == []
+
+
+def test_sigkill_leaves_output_untouched(workspace):
+    import signal
+
+    process = _start_export_and_wait_for_shard(workspace)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=120)
+
+    assert process.returncode == -signal.SIGKILL
+    assert not (workspace / "out").exists()
+    # A killed process cannot clean up: only its hidden staging directory remains.
+    assert [name.split("-")[0] for name in _leftovers(workspace)] == [".out.partial"]
 
 
 def test_missing_checkpoint(workspace, capsys):
