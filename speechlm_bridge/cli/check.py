@@ -40,8 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as transformers_logging
+
     from speechlm_bridge.check import check_export
 
+    # Loading a broken export makes transformers warn about what the findings already report.
+    transformers_logging.set_verbosity_error()
     report = check_export(args.export_dir, backbone=args.backbone)
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2, ensure_ascii=False)
