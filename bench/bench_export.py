@@ -7,7 +7,7 @@ For each size (GB of bf16 model weights) the script writes a NeMo SALM checkpoin
 ranks: every parameter is a DTensor sharded on dim 0, saved with torch.distributed.checkpoint
 under `state_dict.`, as Lightning's ModelParallelStrategy (FSDP2) writes it. The backbone is a
 Qwen3 config scaled to the size (hidden 2048, untied embeddings as FSDP2 leaves them) with the
-demo's tokenizer; the audio encoder is the demo's. There is no optimizer state, so `cp -r`
+demo's tokenizer. The audio encoder is the demo's. There is no optimizer state, so `cp -r`
 copies exactly the model bytes.
 
 Each method then runs in its own subprocess, in turn within each round, `--repeats` rounds, after

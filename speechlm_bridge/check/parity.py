@@ -1,9 +1,10 @@
 """Parity of training and serving: the same dialog must give the same context ids on both sides.
 
 Training side: `ChatFormatter.from_pretrained(export_dir)`, with the defaults of config.json's
-`prompt_format`; the context is the sample's ids before the last answer's loss span.
+`prompt_format`; the context is the sample's ids before the last assistant turn's loss span.
 Serving side: `AutoTokenizer.from_pretrained(export_dir).apply_chat_template(messages,
-tokenize=True, add_generation_prompt=True)` on the messages before that answer. Both sides get
+tokenize=True, add_generation_prompt=True)` on the messages before that turn. Each side loads
+its own tokenizer, because the formatter may register the audio tag on the one it holds. Both sides get
 the same template kwargs: the prompt format's defaults, then the dialog's own.
 """
 
@@ -39,7 +40,7 @@ _TEMPLATE_ERRORS = (jinja2.TemplateError, TypeError, ValueError, KeyError, Attri
 
 @dataclass(frozen=True)
 class CanonicalDialog:
-    """A named dialog that ends with the assistant answer whose context is compared."""
+    """A named dialog that ends with the assistant turn whose context is compared."""
 
     name: str
     messages: list[dict[str, Any]]
@@ -165,7 +166,7 @@ def compare_context(
     messages: Sequence[Mapping[str, Any]],
     template_kwargs: Mapping[str, Any],
 ) -> ContextPair:
-    """Return the context ids of the last assistant answer in `messages` from both sides.
+    """Return the context ids of the last assistant turn in `messages` from both sides.
 
     Raises PromptError when either side cannot render the dialog.
     """

@@ -18,6 +18,7 @@ from speechlm_bridge.check.config import ExportConfig
 from speechlm_bridge.check.files import read_json_object
 from speechlm_bridge.check.findings import CheckReport
 from speechlm_bridge.check.safetensors_header import TensorInfo, read_safetensors_header
+from speechlm_bridge.checkpoints.safetensors_files import INDEX_FILE, SINGLE_FILE
 from speechlm_bridge.errors import CheckpointError, ConfigError, SpeechLMBridgeError
 
 if TYPE_CHECKING:
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _SHARD_PATTERN = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 # Tensors listed one finding each, per code. A config that describes another model makes every
 # tensor mismatch, so the rest are counted in one more finding.
@@ -276,16 +275,11 @@ class _ExpectedTensors:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> _ExpectedTensors:
-        state = model.state_dict(keep_vars=True)
-        seen: set[int] = set()
-        tied: set[str] = set()
-        for name, tensor in state.items():
-            if id(tensor) in seen:
-                tied.add(name)
-            seen.add(id(tensor))
+        from speechlm_bridge.export.weights import tied_keys
+
         return cls(
-            shapes={name: tuple(tensor.shape) for name, tensor in state.items()},
-            tied=tied,
+            shapes={name: tuple(tensor.shape) for name, tensor in model.state_dict().items()},
+            tied=tied_keys(model),
             ignored_patterns=list(getattr(model, "_keys_to_ignore_on_load_missing", None) or []),
             input_embeddings_key=_module_weight_key(model, model.get_input_embeddings()),
             output_embeddings_key=_module_weight_key(model, model.get_output_embeddings()),

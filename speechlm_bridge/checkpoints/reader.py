@@ -157,8 +157,8 @@ class TorchFileTensor(SourceRef):
     keeps only its location and maps the file again there, once per process.
 
     NOTE: the pages of a memory-mapped file that the export has read count in the process's RSS
-    until the file is unmapped (the kernel can drop them, because they are clean page cache), so
-    peak RSS can reach the file size; DCP and safetensors inputs are read tensor by tensor.
+    until the file is unmapped, so peak RSS can reach the file size. The kernel can drop them,
+    because they are clean page cache. DCP and safetensors inputs are read tensor by tensor.
     """
 
     def __init__(self, path: Path, container: str | None, name: str, tensor: torch.Tensor | None) -> None:

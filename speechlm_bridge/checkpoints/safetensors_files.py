@@ -215,5 +215,5 @@ def _read_header(path: Path) -> tuple[int, dict]:
     return _HEADER_CACHE[key]
 
 
-# Parsed headers by file, because the writer asks for the tensors of many files in turn.
+# Parsed headers by file, because the writer requests the tensors of many files in turn.
 _HEADER_CACHE: dict[tuple[str, int, int], tuple[int, dict]] = {}

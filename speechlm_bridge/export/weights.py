@@ -115,7 +115,7 @@ def dominant_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
 def audit_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
     """Compare names and shapes with the model that will load them; raise with sorted lists."""
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    tied = _tied_keys(model)
+    tied = tied_keys(model)
     ignored = getattr(model, "_keys_to_ignore_on_load_missing", None) or []
     missing = sorted(
         key
@@ -139,7 +139,8 @@ def audit_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Module
         )
 
 
-def _tied_keys(model: torch.nn.Module) -> set[str]:
+def tied_keys(model: torch.nn.Module) -> set[str]:
+    """Return the state_dict names that share their tensor with an earlier name (a tied lm_head)."""
     # A tied lm_head is the same Parameter object as the input embedding, so the file stores
     # it once under the first name.
     seen: set[int] = set()

@@ -31,7 +31,7 @@ from speechlm_bridge.modeling.processing import SpeechLMBridgeProcessor
 
 logger = logging.getLogger(__name__)
 
-# Longest audio a request may carry unless the config sets `max_audio_seconds`. vLLM sizes its
+# Maximum audio length of a request, unless the config sets `max_audio_seconds`. vLLM sizes its
 # encoder cache and profiling run by the longest item, and the encoder's attention grows with the
 # square of the length, so the limit is finite. Raise it with
 # `--hf-overrides '{"max_audio_seconds": 120}'`.

@@ -48,7 +48,7 @@ def test_other_fields_kept_and_input_unchanged():
     assert dialog.messages[1]["content"] is None
 
 
-def test_tag_in_text_with_audio_part_adds_no_tag():
+def test_tag_in_text_skips_part_tag():
     # The form of a vLLM request: the tag in the text, the audio part carries the data.
     dialog = normalize_dialog(
         [{"role": "user", "content": [{"type": "text", "text": "Transcribe: <|audio|>"}, {"type": "input_audio"}]}],

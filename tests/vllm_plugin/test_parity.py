@@ -1,10 +1,10 @@
 """vLLM (with the plugin) against transformers and the training formatter, on real exports.
 
-One vLLM engine per export runs every request. The comparisons then run here:
-(a) the prompt ids vLLM builds from chat messages + audio equal the transformers processor's ids
-    and the training formatter's context ids with each audio tag expanded;
-(b) greedy generation of 16 tokens is identical in fp32, and so are the chosen tokens' logprobs
-    up to float rounding.
+One vLLM engine per export runs every request, and the comparisons run here.
+(a) The prompt ids vLLM builds from chat messages + audio equal the transformers processor's ids.
+    They also equal the training formatter's context ids with each audio tag expanded.
+(b) Greedy generation of 16 tokens is identical in fp32. The chosen tokens' logprobs agree up to
+    float rounding.
 """
 
 from __future__ import annotations

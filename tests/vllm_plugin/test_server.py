@@ -48,32 +48,23 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-server")
     export_dir = export_demo_model(root / "demo")
     port = _free_port()
+
     env = vllm_env()
-    # `serve` sets vLLM's CPU KV cache size itself; without that, vLLM stops at start on a machine
+    # `serve` sets vLLM's CPU KV cache size itself. Without it, vLLM stops at start on a machine
     # with less free memory than it wants.
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    log = (root / "server.log").open("w")
+    log_path = root / "server.log"
+    log = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "speechlm_bridge.cli", "serve", str(export_dir),
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
          "--served-model-name", "demo"],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
+
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + ENGINE_TIMEOUT_SECONDS
     try:
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"the server exited with {process.returncode}:\n{(root / 'server.log').read_text()[-6000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("the server did not become healthy in time")
-            time.sleep(2)
+        _wait_until_healthy(process, base, log_path)
         yield base, export_dir
     finally:
         process.terminate()
@@ -82,6 +73,22 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+def _wait_until_healthy(process: subprocess.Popen, base: str, log_path) -> None:
+    deadline = time.monotonic() + ENGINE_TIMEOUT_SECONDS
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited with {process.returncode}:\n{log_path.read_text()[-6000:]}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {ENGINE_TIMEOUT_SECONDS} s waiting for {base}/health")
+        time.sleep(2)
 
 
 def _demo_wav() -> bytes:
