@@ -19,7 +19,6 @@ import io
 import logging
 import os
 import pickle
-import struct
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -33,6 +32,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from tqdm.auto import tqdm
 
 from speechlm_bridge.checkpoints.lazy import SourceRef
+from speechlm_bridge.checkpoints.torch_save_record import entry_data_offset, read_entries, read_entry
 from speechlm_bridge.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -188,30 +188,36 @@ def _storage_record_start(
     path: Path, offset: int, length: int, *, dtype: torch.dtype, sizes: tuple[int, ...], nbytes: int
 ) -> int | None:
     """Return where the raw storage of a `torch.save` record starts, relative to the record."""
-    with open(path, "rb") as handle:
-        record = io.BufferedReader(_FileSlice(handle, offset, length), 64 * 1024)
-        with zipfile.ZipFile(record) as archive:
-            storages = [
-                info for info in archive.infolist() if "/data/" in info.filename and "/.data/" not in info.filename
-            ]
-            if len(storages) != 1 or storages[0].compress_type != zipfile.ZIP_STORED or storages[0].file_size != nbytes:
-                return None
-            header_offset = storages[0].header_offset
-        record.seek(0)
-        chunk = torch.load(record, map_location="meta", weights_only=True)
-        if not (
-            isinstance(chunk, torch.Tensor)
-            and chunk.dtype == dtype
-            and tuple(chunk.shape) == sizes
-            and chunk.is_contiguous()
-            and chunk.storage_offset() == 0
-        ):
+    with open(path, "rb", buffering=0) as handle:
+        fd = handle.fileno()
+        entries = read_entries(fd, offset, length)
+        storages = [entry for name, entry in entries.items() if "/data/" in name and "/.data/" not in name]
+        pickles = [entry for name, entry in entries.items() if name.endswith("/data.pkl")]
+        if len(storages) != 1 or len(pickles) != 1 or storages[0].size != nbytes:
             return None
-        # A zip local file header is 30 bytes, then the file name and the extra field.
-        record.seek(header_offset)
-        header = record.read(30)
-        name_length, extra_length = struct.unpack("<HH", header[26:30])
-        return header_offset + 30 + name_length + extra_length
+        start = entry_data_offset(fd, offset, storages[0])
+        pickled_view = read_entry(fd, offset, pickles[0])
+        # The pickle alone fixes the view's dtype, shape, strides and offset, and the chunks of
+        # one tensor family share it, so each distinct pickle is unpickled once.
+        key = (pickled_view, dtype, sizes)
+        if key not in _VIEW_IS_WHOLE_STORAGE:
+            record = io.BufferedReader(_FileSlice(handle, offset, length), 64 * 1024)
+            chunk = torch.load(record, map_location="meta", weights_only=True)
+            if len(_VIEW_IS_WHOLE_STORAGE) >= _VIEW_CACHE_ENTRIES:
+                _VIEW_IS_WHOLE_STORAGE.clear()
+            _VIEW_IS_WHOLE_STORAGE[key] = (
+                isinstance(chunk, torch.Tensor)
+                and chunk.dtype == dtype
+                and tuple(chunk.shape) == sizes
+                and chunk.is_contiguous()
+                and chunk.storage_offset() == 0
+            )
+    return start if _VIEW_IS_WHOLE_STORAGE[key] else None
+
+
+# Whether a chunk's pickled view covers its whole storage, by (pickle bytes, dtype, shape).
+_VIEW_IS_WHOLE_STORAGE: dict[tuple[bytes, torch.dtype, tuple[int, ...]], bool] = {}
+_VIEW_CACHE_ENTRIES = 4096
 
 
 class _FileSlice(io.RawIOBase):

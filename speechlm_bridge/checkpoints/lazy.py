@@ -207,13 +207,17 @@ def tensors_equal(first: torch.Tensor | TensorRef, second: torch.Tensor | Tensor
 
 
 def _read_blocks(ranges: list[tuple[Path, int, int]], block_bytes: int = 16 * 1024 * 1024) -> Iterator[bytes]:
-    # Blocks of equal size, so that two tensors split into different ranges compare block by block.
+    # Blocks of the same sizes on both sides, so that two tensors split into different ranges
+    # compare block by block. They start at 64 KiB and double: trained tensors usually differ in
+    # the first block, which is then all that is read.
+    size = 64 * 1024
     pending = bytearray()
-    for piece in read_ranges(ranges, buffer_bytes=block_bytes):
+    for piece in read_ranges(ranges, buffer_bytes=1024 * 1024):
         pending += piece
-        while len(pending) >= block_bytes:
-            yield bytes(pending[:block_bytes])
-            del pending[:block_bytes]
+        while len(pending) >= size:
+            yield bytes(pending[:size])
+            del pending[:size]
+            size = min(2 * size, block_bytes)
     if pending:
         yield bytes(pending)
 

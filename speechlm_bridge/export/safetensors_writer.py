@@ -3,13 +3,13 @@
 The plan reproduces what `huggingface_hub.save_torch_state_dict(..., metadata={"format": "pt"})`
 writes for the same state dict: the same split into `model.safetensors` or
 `model-XXXXX-of-YYYYY.safetensors`, the same index file, and files byte-identical to
-`safetensors.torch.save_file`. It needs no tensor values, so a file's header can be written first
-and its tensors streamed after it:
+`safetensors.torch.save_file`. It needs no tensor values, so every tensor's place in the file is
+known before any is read, and the file is filled at those places:
 - a tensor whose raw bytes lie in checkpoint files (`TensorRef.byte_ranges`: FSDP2 chunks split
-  on dim 0, safetensors entries) and need no cast is copied with `os.copy_file_range`, without
-  passing through the process's memory;
-- the others are loaded in batches of about `BATCH_BYTES`. A thread loads the next batch while
-  the current one is written when both fit in `2 * BATCH_BYTES`.
+  on dim 0, safetensors entries) and need no cast is copied with `os.copy_file_range` by
+  `range_copy`, without passing through the process's memory;
+- meanwhile the others are loaded in batches of about `BATCH_BYTES`. A thread loads the next
+  batch while the current one is written when both fit in `2 * BATCH_BYTES`.
 Peak memory is therefore about the largest loaded tensor or two batches, whichever is larger,
 independent of shard and model size.
 
@@ -21,12 +21,12 @@ after `__metadata__`.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import struct
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from speechlm_bridge.checkpoints.lazy import TensorRef, as_ref, prefetch
 from speechlm_bridge.checkpoints.safetensors_files import INDEX_FILE, SAFETENSORS_DTYPES
 from speechlm_bridge.errors import CheckpointError
+from speechlm_bridge.export.range_copy import COPY_THREADS, CopyJob, copy_jobs, preallocate
 
 logger = logging.getLogger(__name__)
 
@@ -117,17 +118,22 @@ def write_index(shards: list[ShardPlan], directory: Path) -> None:
         (directory / INDEX_FILE).write_text(text, encoding="utf-8")
 
 
-def write_shard(shard: ShardPlan, directory: Path, *, progress: bool | None = False) -> int:
-    """Write one planned shard into `directory`, loading its tensors batch by batch.
+def write_shard(shard: ShardPlan, directory: Path, *, progress: bool | None = False, copy_threads: int = COPY_THREADS) -> int:
+    """Write one planned shard into `directory`.
 
-    Returns the bytes written. Raises `CheckpointError` when a loaded tensor's shape or dtype
-    differs from what the checkpoint's metadata announced.
+    The file is preallocated and its header written first. Tensors with `byte_ranges` are then
+    copied by `copy_threads` threads (see `range_copy`) while this thread loads and writes the
+    others batch by batch, each at its planned offset. Returns the bytes written. Raises
+    `CheckpointError` when a loaded tensor's shape or dtype differs from what the checkpoint's
+    metadata announced.
     """
     entries = _file_order(shard.tensors)
     header = _header(entries)
     path = directory / shard.filename
+    jobs, loaded_runs = _layout(entries, data_start=len(header))
+    total = len(header) + shard.nbytes
     with open(path, "wb", buffering=0) as handle, tqdm(
-        total=len(header) + shard.nbytes,
+        total=total,
         desc=shard.filename,
         unit="B",
         unit_scale=True,
@@ -136,76 +142,68 @@ def write_shard(shard: ShardPlan, directory: Path, *, progress: bool | None = Fa
         disable=None if progress is None else not progress,
         leave=False,
     ) as bar:
-        _write_all(handle, header)
+        fd = handle.fileno()
+        preallocate(fd, total, path=path)
+        _pwrite_all(fd, header, 0)
         bar.update(len(header))
-        for ranges, segment in _segments(entries):
-            if ranges is not None:
-                for file_ranges in ranges:
-                    _copy_ranges(file_ranges, handle, bar)
-            else:
-                _write_loaded(segment, handle, bar)
-    written = len(header) + shard.nbytes
-    logger.debug("wrote %s (%d tensors, %d bytes)", path, len(entries), written)
-    return written
+        lock = threading.Lock()
 
-
-def _segments(
-    entries: list[tuple[str, TensorRef]],
-) -> Iterator[tuple[list[list[tuple[Path, int, int]]] | None, list[tuple[str, TensorRef]]]]:
-    """Group consecutive tensors into runs that are copied file to file or loaded and written.
-
-    Yields `(ranges per tensor, run)` for a copied run and `(None, run)` for a loaded one.
-    """
-    run: list[tuple[str, TensorRef]] = []
-    run_ranges: list[list[tuple[Path, int, int]]] = []
-    copying = None
-    for name, ref in entries:
-        ranges = ref.byte_ranges()
-        if ranges is not None and sum(length for _, _, length in ranges) != ref.nbytes:
-            ranges = None
-        if run and (ranges is not None) != copying:
-            yield (run_ranges if copying else None), run
-            run, run_ranges = [], []
-        copying = ranges is not None
-        run.append((name, ref))
-        if ranges is not None:
-            run_ranges.append(ranges)
-    if run:
-        yield (run_ranges if copying else None), run
-
-
-def _copy_ranges(ranges: list[tuple[Path, int, int]], handle, bar: tqdm) -> None:
-    """Append file ranges to `handle` with `os.copy_file_range`, so the bytes stay in the kernel."""
-    for source, offset, length in ranges:
-        with open(source, "rb", buffering=0) as source_handle:
-            remaining = length
-            position = offset
-            while remaining:
-                try:
-                    count = os.copy_file_range(source_handle.fileno(), handle.fileno(), remaining, position)
-                except OSError as err:
-                    if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                        raise
-                    # Filesystems or kernels without copy_file_range between these files.
-                    count = _copy_through_buffer(source_handle, handle, position, remaining)
-                if count == 0:
-                    raise CheckpointError(
-                        f"{source} ended {remaining} bytes early while copying a tensor at offset {offset}; "
-                        "the file is truncated, so copy the checkpoint again."
-                    )
-                remaining -= count
-                position += count
+        def advance(count: int) -> None:
+            with lock:
                 bar.update(count)
 
+        stop = threading.Event()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-copy") as copier:
+            copying = None
+            if jobs:
+                copying = copier.submit(copy_jobs, jobs, fd, threads=copy_threads, on_progress=advance, stop=stop)
+            try:
+                for offset, run in loaded_runs:
+                    _write_loaded(run, fd, offset, advance)
+                if copying is not None:
+                    copying.result()
+            except BaseException:
+                # A failed load, or SIGTERM/Ctrl-C while waiting: end the copy now rather than
+                # after the whole shard, so that the caller can clean up.
+                stop.set()
+                raise
+    logger.debug("wrote %s (%d tensors, %d bytes, %d copied ranges)", path, len(entries), total, len(jobs))
+    return total
 
-def _copy_through_buffer(source, target, position: int, length: int) -> int:
-    data = os.pread(source.fileno(), min(length, 16 * 1024 * 1024), position)
-    _write_all(target, data)
-    return len(data)
+
+def _layout(
+    entries: list[tuple[str, TensorRef]], *, data_start: int
+) -> tuple[list[CopyJob], list[tuple[int, list[tuple[str, TensorRef]]]]]:
+    """Place the tensors: copy jobs for those with byte ranges, runs of consecutive others to load.
+
+    Returns `(jobs, [(file offset, run), ...])`.
+    """
+    jobs: list[CopyJob] = []
+    runs: list[tuple[int, list[tuple[str, TensorRef]]]] = []
+    offset = data_start
+    previous_loaded = False
+    for name, ref in entries:
+        ranges = ref.byte_ranges()
+        if ranges is not None and sum(length for _, _, length in ranges) == ref.nbytes:
+            target = offset
+            for source, source_offset, length in ranges:
+                jobs.append(CopyJob(Path(source), source_offset, length, target))
+                target += length
+            previous_loaded = False
+        else:
+            if not previous_loaded:
+                runs.append((offset, []))
+            runs[-1][1].append((name, ref))
+            previous_loaded = True
+        offset += ref.nbytes
+    return jobs, runs
 
 
-def _write_loaded(batch_entries: list[tuple[str, TensorRef]], handle, bar: tqdm) -> None:
-    batches = list(_batches(batch_entries))
+def _write_loaded(
+    entries: list[tuple[str, TensorRef]], fd: int, offset: int, advance: Callable[[int], None]
+) -> None:
+    """Load consecutive tensors batch by batch and write them from `offset` on."""
+    batches = list(_batches(entries))
     # Reading (DCP's torch.load and copies) and writing both release the GIL, so one loader
     # thread overlaps them.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-loader") as loader:
@@ -216,19 +214,21 @@ def _write_loaded(batch_entries: list[tuple[str, TensorRef]], handle, bar: tqdm)
             overlap = following is not None and _size(batch) + _size(following) <= 2 * BATCH_BYTES
             pending = loader.submit(_load_batch, following) if overlap else None
             for position, (_, ref) in enumerate(batch):
-                _write_all(handle, memoryview(tensors[position].reshape(-1).view(torch.uint8).numpy()))
+                _pwrite_all(fd, memoryview(tensors[position].reshape(-1).view(torch.uint8).numpy()), offset)
+                offset += ref.nbytes
                 tensors[position] = None
-                bar.update(ref.nbytes)
+                advance(ref.nbytes)
             del tensors
             if following is not None and pending is None:
                 pending = loader.submit(_load_batch, following)
 
 
-def _write_all(handle, data) -> None:
+def _pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:
-        count = handle.write(view)
+        count = os.pwrite(fd, view, offset)
         view = view[count:]
+        offset += count
 
 
 def _load_batch(batch: list[tuple[str, TensorRef]]) -> list[torch.Tensor | None]:
