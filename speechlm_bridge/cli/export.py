@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,20 +83,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from speechlm_bridge.export.pipeline import export_checkpoint
 
-    result = export_checkpoint(
-        args.checkpoint,
-        output=args.output,
-        config=args.config,
-        backbone=args.backbone,
-        asr=args.asr,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        workers=args.workers,
-        # None: bars only when stderr is a terminal.
-        progress=False if args.quiet else None,
-        check=not args.skip_check,
-    )
+    try:
+        result = export_checkpoint(
+            args.checkpoint,
+            output=args.output,
+            config=args.config,
+            backbone=args.backbone,
+            asr=args.asr,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            workers=args.workers,
+            # None: bars only when stderr is a terminal.
+            progress=False if args.quiet else None,
+            check=not args.skip_check,
+        )
+    except Exception:
+        raise
+    except BaseException:
+        # Ctrl-C or SIGTERM. The staging directory is gone by now, so report what is left.
+        print(f"export stopped: {args.output} is unchanged and no partial export was left; run the command again",
+              file=sys.stderr)
+        raise
     print(
         f"exported {result.checkpoint_format} checkpoint to {result.output_dir}: {result.tensors} tensors, "
         f"{result.parameters:,} parameters in {result.shards} safetensors file(s), {result.dtype}, "

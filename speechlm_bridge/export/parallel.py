@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -50,16 +49,11 @@ def write_shards(
     # spawn, not fork: the parent has run torch ops and owns thread pools that fork would copy
     # in an undefined state.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=min(workers, len(todo)), mp_context=context, initializer=_init_worker
-    ) as pool:
-        futures = [pool.submit(write_shard, shard, directory, progress=progress) for shard in todo]
-        try:
-            return sum(future.result() for future in futures)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+    # A pool, not a ProcessPoolExecutor: leaving the `with` block terminates the workers, so an
+    # error, Ctrl-C or SIGTERM stops the shards being written instead of waiting for them.
+    with context.Pool(processes=min(workers, len(todo)), initializer=_init_worker) as pool:
+        results = [pool.apply_async(write_shard, (shard, directory), {"progress": progress}) for shard in todo]
+        return sum(result.get() for result in results)
 
 
 def _init_worker() -> None:

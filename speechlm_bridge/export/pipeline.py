@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from speechlm_bridge.backbones import apply_legacy_renames, backbone_family_for, read_backbone_config
-from speechlm_bridge.errors import ConfigError, SpeechLMBridgeError
+from speechlm_bridge.errors import CheckpointError, ConfigError, SpeechLMBridgeError
 from speechlm_bridge.export.experiment import (
     TOKENIZER_FILES,
     ModelConfig,
@@ -296,6 +297,7 @@ def _write_weights(
 ) -> None:
     """Write the planned shards (this rank's share under torchrun) and then the index."""
     total = sum(shard.nbytes for shard in shards)
+    _check_free_space(staging, total, output=result.output_dir)
     logger.info(
         "writing %.1f MB of weights as %d safetensors file(s) with %d worker(s)%s",
         total / 1e6, len(shards), workers, f" on each of {group.world_size} ranks" if group else "",
@@ -309,6 +311,16 @@ def _write_weights(
         if failures:
             raise SpeechLMBridgeError("writing the safetensors shards failed on " + "; ".join(failures))
     write_index(shards, staging)
+
+
+def _check_free_space(staging: Path, needed: int, *, output: Path) -> None:
+    """Raise CheckpointError before copying when the output's filesystem cannot hold the weights."""
+    free = shutil.disk_usage(staging).free
+    if free < needed:
+        raise CheckpointError(
+            f"the weights need {needed / 1e6:.1f} MB, but the filesystem of {output} has "
+            f"{free / 1e6:.1f} MB free. Free space there or choose another --output."
+        )
 
 
 def _write_follower_shards(group: ExportGroup, *, workers: int, progress: bool | None) -> ExportResult:

@@ -70,7 +70,7 @@ def preallocate(fd: int, size: int, *, path: Path) -> None:
         return
     if error in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         raise CheckpointError(
-            f"cannot reserve {size / 1e9:.2f} GB for {path}: {os.strerror(error)}. Free space on that "
+            f"cannot reserve {size / 1e6:.1f} MB for {path}: {os.strerror(error)}. Free space on that "
             "filesystem or write the export elsewhere with --output."
         )
     if error not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EPERM):

@@ -137,7 +137,8 @@ def write_shard(shard: ShardPlan, directory: Path, *, progress: bool | None = Fa
         desc=shard.filename,
         unit="B",
         unit_scale=True,
-        unit_divisor=1024,
+        # Decimal units, as in the log lines and the shard size option.
+        unit_divisor=1000,
         # tqdm's None disables the bar unless stderr is a terminal.
         disable=None if progress is None else not progress,
         leave=False,

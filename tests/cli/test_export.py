@@ -186,6 +186,7 @@ def test_sigterm_cleans_staging(workspace):
     _, err = process.communicate(timeout=120)
 
     assert process.returncode == 143, err[-2000:]
+    assert "export stopped: out is unchanged and no partial export was left; run the command again" in err
     assert "terminated" in err
     assert not (workspace / "out").exists()
     assert _leftovers(workspace) == []

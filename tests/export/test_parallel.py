@@ -14,7 +14,10 @@ import torch
 from safetensors import safe_open
 
 from speechlm_bridge.checkpoints import read_checkpoint
+from speechlm_bridge.checkpoints.lazy import TensorRef
+from speechlm_bridge.export.parallel import write_shards
 from speechlm_bridge.export.pipeline import export_checkpoint
+from speechlm_bridge.export.safetensors_writer import plan_shards
 
 CHECKPOINT = "dcp/step=2"
 CONFIG = "exp_config_fsdp2.yaml"
@@ -107,3 +110,59 @@ def test_workers_must_be_positive(tmp_path):
 
     with pytest.raises(ConfigError, match=r"--workers must be a positive integer, got 0"):
         export_checkpoint("unused", output=tmp_path / "out", workers=0)
+
+
+class SlowLoad(TensorRef):
+    """A tensor whose loading marks its worker's pid in a file, then blocks for two minutes."""
+
+    shape = (4,)
+    dtype = torch.float32
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def load(self, cache=None):
+        import time
+
+        self.marker.write_text(str(os.getpid()))
+        time.sleep(120)
+        return torch.zeros(4)
+
+
+def test_interrupt_terminates_workers(tmp_path):
+    import signal
+    import threading
+    import time
+
+    markers = [tmp_path / f"worker{number}.pid" for number in range(2)]
+    shards = plan_shards({f"w{n}.weight": SlowLoad(marker) for n, marker in enumerate(markers)}, max_shard_size=16)
+    assert len(shards) == 2
+    output = tmp_path / "out"
+    output.mkdir()
+    signalled = []
+
+    def interrupt_when_loading() -> None:
+        deadline = time.monotonic() + 120
+        while not all(marker.exists() for marker in markers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        signalled.append(time.monotonic())
+        # A real SIGINT, as Ctrl-C sends: it also wakes the main thread from its wait.
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_loading, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(shards, output, indices=[0, 1], workers=2)
+    stopped = time.monotonic()
+
+    # The workers were killed, not waited for: each blocks for two minutes in its load.
+    assert stopped - signalled[0] < 30
+    for marker in markers:
+        pid = int(marker.read_text())
+        while time.monotonic() - stopped < 10:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"worker {pid} still runs 10 s after the interrupt")

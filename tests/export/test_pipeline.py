@@ -221,3 +221,24 @@ def test_batched_generate_matches_single(exports, golden):
         for row, (dialog, clip) in enumerate(zip(dialogs, [audio[:16000], audio])):
             single = processor(messages=dialog, audio=clip, **kwargs)
             torch.testing.assert_close(batch_logits[row], model(**single).logits[0, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_full_disk_stops_before_copying(tmp_path, nemo_salm_dir, monkeypatch):
+    from collections import namedtuple
+
+    from speechlm_bridge.errors import CheckpointError
+    from speechlm_bridge.export import pipeline
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+    monkeypatch.chdir(nemo_salm_dir)
+    output = tmp_path / "my-model"
+
+    with pytest.raises(CheckpointError) as raised:
+        export_checkpoint("dcp/step=2", config="exp_config_fsdp2.yaml", output=output)
+
+    message = str(raised.value)
+    assert message.startswith("the weights need 5.0 MB, but the filesystem of ")
+    assert f"{output} has 1.0 MB free. Free space there or choose another --output." in message
+    assert not output.exists()
+    assert list(tmp_path.iterdir()) == []

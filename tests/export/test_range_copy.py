@@ -136,7 +136,7 @@ def test_preallocate_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(range_copy, "_FALLOCATE", [full])
     target = tmp_path / "model.safetensors"
     with open(target, "wb") as handle, pytest.raises(
-        CheckpointError, match=r"cannot reserve 5\.00 GB for .*model\.safetensors: No space left on device\. Free space"
+        CheckpointError, match=r"cannot reserve 5000\.0 MB for .*model\.safetensors: No space left on device\. Free space"
     ):
         preallocate(handle.fileno(), 5 * 10**9, path=target)
 
