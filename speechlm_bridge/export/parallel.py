@@ -49,11 +49,15 @@ def write_shards(
     # spawn, not fork: the parent has run torch ops and owns thread pools that fork would copy
     # in an undefined state.
     context = multiprocessing.get_context("spawn")
-    # A pool, not a ProcessPoolExecutor: leaving the `with` block terminates the workers, so an
-    # error, Ctrl-C or SIGTERM stops the shards being written instead of waiting for them.
-    with context.Pool(processes=min(workers, len(todo)), initializer=_init_worker) as pool:
+    # A pool, not a ProcessPoolExecutor, because a pool can terminate its workers: an error,
+    # Ctrl-C or SIGTERM then stops the shards being written instead of waiting for them.
+    pool = context.Pool(processes=min(workers, len(todo)), initializer=_init_worker)
+    try:
         results = [pool.apply_async(write_shard, (shard, directory), {"progress": progress}) for shard in todo]
         return sum(result.get() for result in results)
+    finally:
+        pool.terminate()
+        pool.join()
 
 
 def _init_worker() -> None:
