@@ -129,7 +129,17 @@ class SlowLoad(TensorRef):
         return torch.zeros(4)
 
 
-def test_interrupt_terminates_workers(tmp_path):
+@pytest.fixture
+def python_sigint_handler():
+    """Install Python's own Ctrl-C handler, which an earlier test in the process may have replaced."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupt_terminates_workers(tmp_path, python_sigint_handler):
     import signal
     import threading
     import time
