@@ -1,11 +1,11 @@
-"""Find the entries of a `torch.save` record from its zip central directory, a few small reads each.
+"""Find the entries of a `torch.save` record from its zip central directory, in a few small reads.
 
 DCP writes every tensor chunk as a `torch.save` record, which is a zip archive with entries such
 as `archive/data.pkl` (the pickled view) and `archive/data/0` (the raw storage), at some offset
 inside a `.distcp` file. To copy a chunk's bytes, the export needs where its storage starts and
 the pickled view, for each of many thousand records. `zipfile` took about 75 us per record here,
-because it builds an object per entry and reads through a buffered window. This reader makes
-four `pread` calls and parses the fixed-size zip structures with `struct`.
+because it builds an object per entry and reads through a buffered window. This reader makes a
+few `pread` calls and parses the fixed-size zip structures with `struct`.
 
 It reads what PyTorch's writer produces: no archive comment, zip64 end records, stored entries.
 Anything else raises `ValueError`, and the caller then loads the tensor through `dcp.load`.
@@ -45,6 +45,14 @@ def read_entries(fd: int, offset: int, length: int) -> dict[str, RecordEntry]:
     Offsets in the result are relative to the record. Raises ValueError for a layout this reader
     does not handle.
     """
+    try:
+        return _read_entries(fd, offset, length)
+    except struct.error as err:
+        # A count or length that points past the bytes read: the record is damaged.
+        raise ValueError(f"truncated zip structure ({err})") from err
+
+
+def _read_entries(fd: int, offset: int, length: int) -> dict[str, RecordEntry]:
     tail_length = min(length, _END.size + _ZIP64_LOCATOR.size)
     tail = _pread(fd, tail_length, offset + length - tail_length)
     signature, _, _, _, count, directory_size, directory_offset, comment_length = _END.unpack_from(

@@ -140,3 +140,18 @@ def test_record_beyond_file_end_raises(tmp_path):
             read_entries(fd, offset + 5, length)
     finally:
         os.close(fd)
+
+
+def test_entry_count_beyond_directory_raises(tmp_path):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data/0", b"\0" * 64)
+    record = bytearray(buffer.getvalue())
+    # The end record's entry counts (bytes 8 to 11 of its 22) claim a second entry.
+    record[-14:-10] = (2).to_bytes(2, "little") * 2
+    fd, offset, length = embedded(tmp_path, bytes(record))
+    try:
+        with pytest.raises(ValueError, match="truncated zip structure"):
+            read_entries(fd, offset, length)
+    finally:
+        os.close(fd)

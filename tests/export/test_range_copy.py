@@ -120,7 +120,7 @@ def test_missing_source_raises(tmp_path):
 
 
 def test_preallocate_falls_back_to_ftruncate(tmp_path, monkeypatch):
-    monkeypatch.setattr(range_copy, "_FALLOCATE", [None])
+    monkeypatch.setattr(range_copy, "_libc_fallocate", lambda: None)
     target = tmp_path / "model.safetensors"
     with open(target, "wb") as handle:
         preallocate(handle.fileno(), 12345, path=target)
@@ -133,7 +133,7 @@ def test_preallocate_full_disk(tmp_path, monkeypatch):
         ctypes.set_errno(errno.ENOSPC)
         return -1
 
-    monkeypatch.setattr(range_copy, "_FALLOCATE", [full])
+    monkeypatch.setattr(range_copy, "_libc_fallocate", lambda: full)
     target = tmp_path / "model.safetensors"
     with open(target, "wb") as handle, pytest.raises(
         CheckpointError, match=r"cannot reserve 5000\.0 MB for .*model\.safetensors: No space left on device\. Free space"
